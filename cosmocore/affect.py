@@ -13,19 +13,24 @@ Targets, for sample i of task t with reward r_i, outcome class o_i and mean per-
         them, so the raw difference rarely passes the paper's Dream Queue threshold (v < −0.5); s = 3
         (the default) makes a sample a third of a class below expectation reach it.
 
-    arousal_i = w · rarity_i + (1 − w) · confidence_i                 (w = affect.rarity_weight)
-        rarity_i     = 1 − n_t(o_i) / Σ_o n_t(o)   how unusual this outcome is for this task, with n_t the
-                       decayed outcome counts of earlier iterations plus this iteration's counts
-        confidence_i = the percentile, among this iteration's samples, of exp(ℓ_i), the geometric-mean
-                       token probability (0 when no tokens): a policy that was surer than usual of what
-                       it wrote, and turned out wrong, is surprising. A percentile, not the probability
-                       itself, because a model's absolute confidence says little (SmolLM2's sits at
-                       0.45-0.95 whatever it writes) and the paper's gates (a < 0.3, a > 0.7) need the
-                       whole 0..1 range
+    arousal_i = 1 − (1 − rarity_i) · (1 − surprise_i)                 (a noisy OR: either makes it arousing)
+        rarity_i   = 1 − n_t(o_i) / Σ_o n_t(o)   how unusual this outcome is for this task, with n_t the
+                     decayed outcome counts of earlier iterations plus this iteration's counts
+        surprise_i = how much the policy's own confidence contradicts the outcome: with c_i the
+                     percentile, among this iteration's samples, of exp(ℓ_i) (the geometric-mean token
+                     probability; 0 when no tokens), surprise_i = c_i when the outcome is worse than
+                     expected (r_i < E_t: it was sure of something wrong) and 1 − c_i otherwise (it
+                     hesitated over what turned out as expected or better). A percentile, not the
+                     probability itself, because a model's absolute confidence says little (SmolLM2's
+                     sits at 0.45-0.95 whatever it writes) and the paper's gates (a < 0.3, a > 0.7)
+                     need the whole 0..1 range
 
 Arousal is therefore not |valence|: two failures with the same valence differ in arousal when one
-outcome is rare for the task or was written confidently. `update_task_stats` folds an iteration into
-E_t and n_t *after* its targets are computed.
+outcome is rare for the task or was written confidently. A routine success written confidently is
+the only calm sample (the Prune Bin's target); a confident failure below expectation is the Dream
+Queue's. The confident routine sample is also the low-entropy one, so the Prune Bin's entropy
+exception (buffer.py) spares the hesitant samples the arousal already keeps out of it.
+`update_task_stats` folds an iteration into E_t and n_t *after* its targets are computed.
 
 The tagger is an MLP hidden → `hidden_units` → 2 on the policy's pooled hidden state: valence through
 tanh (−1..1), arousal through a sigmoid (0..1).
@@ -80,11 +85,11 @@ def affect_targets(
     """Valence and arousal targets of one iteration's samples (formulas in the module docstring).
 
     >>> cfg = AffectConfig(hidden_units=8, epochs=1, batch_size=4, lr=1e-3, weight_decay=0.0, holdout_fraction=0.0,
-    ...                    valence_scale=2.0, rarity_weight=0.5, running_mean_decay=0.5, labels_csv="")
+    ...                    valence_scale=2.0, running_mean_decay=0.5, labels_csv="")
     >>> v, a = affect_targets(np.array([1.0, 0.0]), ["t", "t"], ["passed", "wrong_answer"],
-    ...                       np.log([0.6, 0.9]), {"t": 0.9}, {"t": {"passed": 8.0}}, cfg)
-    >>> v.round(2).tolist(), a.round(2).tolist()
-    ([0.2, -1.0], [0.05, 0.95])
+    ...                       np.log([0.9, 0.6]), {"t": 0.9}, {"t": {"passed": 8.0}}, cfg)
+    >>> v.round(2).tolist(), a.round(2).tolist()  # a confident routine success; a rare failure
+    ([0.2, -1.0], [0.1, 0.9])
     """
     rewards = np.asarray(rewards, dtype=np.float64)
     mean_logprobs = np.asarray(mean_logprobs, dtype=np.float64)
@@ -99,7 +104,8 @@ def affect_targets(
         counts[task][outcome] += 1
     rarity = np.array([1.0 - counts[t][o] / sum(counts[t].values()) for t, o in zip(task_ids, outcomes)])
     confidence = _percentile(np.clip(np.nan_to_num(np.exp(mean_logprobs), nan=0.0), 0.0, 1.0))
-    arousal = cfg.rarity_weight * rarity + (1.0 - cfg.rarity_weight) * confidence
+    surprise = np.where(rewards < baseline, confidence, 1.0 - confidence)
+    arousal = 1.0 - (1.0 - rarity) * (1.0 - surprise)
     return valence, arousal
 
 

@@ -3,9 +3,10 @@
 Gates (DESIGN.md, "Trajectories, rewards and affect"), applied to each trajectory as it is added:
 
 - **Dream Queue**: `v < dream_valence and a > dream_arousal` — painful, surprising failures ("cringe").
-- **Prune Bin**: `|v| < prune_valence and a < prune_arousal and entropy <= prune_entropy` — routine,
-  unsurprising outcomes of a policy that was already sure of itself. A policy whose entropy exceeds
-  `prune_entropy` is still exploring, so its routine outcome is kept (the *entropy exception*).
+- **Prune Bin**: `|v| < prune_valence and a < prune_arousal` — routine, unsurprising outcomes. Its
+  entries are deleted unless the policy's mean entropy on that sample exceeds `prune_entropy` (the
+  *entropy exception*: a policy still unsure of what it wrote is exploring, so the sample is kept, in
+  the regular pool). `cosmocore_no_prune` keeps the whole Prune Bin in the regular pool.
 - **regular pool**: everything else.
 
 `prune_valence` moves at run time (`ReplayBuffer.tune_pruning`): when the critic's value estimates barely
@@ -23,9 +24,10 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -37,6 +39,7 @@ GATES = ("dream", "regular", "pruned")
 DREAM, REGULAR, PRUNED = range(len(GATES))
 EMPTY = -1  # gate code of a slot that holds nothing
 FORMAT_VERSION = 1
+T = TypeVar("T")
 
 
 class SumTree:
@@ -149,24 +152,21 @@ class SumTree:
         self._min.fill(np.inf)
 
 
-def _gate_codes(
-    valence: ArrayLike, arousal: ArrayLike, entropy: ArrayLike, cfg: BufferConfig, prune_valence: float | None = None
-) -> np.ndarray:
-    valence, arousal, entropy = (np.asarray(x, dtype=np.float64) for x in (valence, arousal, entropy))
+def _gate_codes(valence: ArrayLike, arousal: ArrayLike, cfg: BufferConfig, prune_valence: float | None = None) -> np.ndarray:
+    valence, arousal = (np.asarray(x, dtype=np.float64) for x in (valence, arousal))
     band = cfg.prune_valence if prune_valence is None else prune_valence
     dream = (valence < cfg.dream_valence) & (arousal > cfg.dream_arousal)
-    pruned = (np.abs(valence) < band) & (arousal < cfg.prune_arousal) & (entropy <= cfg.prune_entropy)
+    pruned = (np.abs(valence) < band) & (arousal < cfg.prune_arousal)
     return np.where(dream, DREAM, np.where(pruned, PRUNED, REGULAR)).astype(np.int8)
 
 
-def gate(
-    valence: ArrayLike, arousal: ArrayLike, entropy: ArrayLike, cfg: BufferConfig, prune_valence: float | None = None
-) -> np.ndarray:
+def gate(valence: ArrayLike, arousal: ArrayLike, cfg: BufferConfig, prune_valence: float | None = None) -> np.ndarray:
     """Gate name per trajectory ("dream", "regular" or "pruned"), by the strict inequalities above.
 
     A NaN valence or arousal fails every comparison, so an untagged trajectory lands in the regular pool.
     """
-    return np.asarray(GATES)[_gate_codes(valence, arousal, entropy, cfg, prune_valence)]
+    return np.asarray(GATES)[_gate_codes(valence, arousal, cfg, prune_valence)]
+
 
 
 @dataclass(frozen=True)
@@ -196,12 +196,18 @@ assert set(SERVING) == set(VARIANTS), "every variant in config.VARIANTS needs a 
 
 @dataclass
 class Batch:
-    """A minibatch: buffer slots, their entries, normalised IS weights, and which draws came from the Dream Queue."""
+    """A minibatch: buffer slots, their entries, normalised IS weights, and which draws came from the Dream Queue.
+
+    `max_weight` is what the weights were normalised by: `(N·P_min)^-β`, the unnormalised weight of the
+    least likely entry, so `is_weights · max_weight = (N·P(i))^-β`. A buffer made of several buffers
+    (`mixing.KindMix`) needs it to put its parts' weights on one scale.
+    """
 
     indices: np.ndarray
     entries: list[Any]
     is_weights: np.ndarray
     from_dream: np.ndarray
+    max_weight: float = 1.0
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -274,7 +280,8 @@ class ReplayBuffer:
         """Gate and store `entries`; returns this add's gate counts and shares, and what was dropped.
 
         `dream`/`regular`/`pruned` are the gates' verdicts whatever the variant (so gate shares are
-        comparable across variants); `stored`, `dropped_pruned` and `evicted` say what the variant did.
+        comparable across variants); `spared` counts Prune Bin entries the entropy exception keeps;
+        `stored`, `dropped_pruned` and `evicted` say what the variant did.
         """
         n = len(entries)
         valence, arousal, entropy = (np.asarray(x, dtype=np.float64).reshape(-1) for x in (valence, arousal, entropy))
@@ -284,9 +291,11 @@ class ReplayBuffer:
                 f"add: {n} entries but valence/arousal/entropy/td have lengths "
                 f"{len(valence)}/{len(arousal)}/{len(entropy)}/{len(td)}"
             )
-        verdict = _gate_codes(valence, arousal, entropy, self.cfg, self.prune_valence)
+        verdict = _gate_codes(valence, arousal, self.cfg, self.prune_valence)
         counts = {name: int(np.count_nonzero(verdict == code)) for code, name in enumerate(GATES)}
         stats: dict[str, float] = {**counts, **{f"{name}_share": counts[name] / max(n, 1) for name in GATES}}
+        spared = (verdict == PRUNED) & (entropy > self.cfg.prune_entropy)  # the entropy exception (NaN: none)
+        stats["spared"] = int(np.count_nonzero(spared))
 
         if self.serving.sampling == "in_order":
             self._clear()  # on-policy: only the latest batch exists
@@ -294,7 +303,7 @@ class ReplayBuffer:
         if self.serving.sampling != "dream_mix":
             stored_gate[:] = REGULAR
         stored_gate[stored_gate == PRUNED] = REGULAR  # cosmocore_no_prune keeps the Prune Bin as regular
-        kept = np.flatnonzero(~((verdict == PRUNED) & self.serving.drop_pruned))
+        kept = np.flatnonzero(~((verdict == PRUNED) & ~spared & self.serving.drop_pruned))
         order = self._next_order + np.arange(n)
         self._next_order += n
 
@@ -375,6 +384,7 @@ class ReplayBuffer:
         beta = self.cfg.beta_start + min(max(progress, 0.0), 1.0) * (1.0 - self.cfg.beta_start)
         from_dream = np.zeros(batch_size, dtype=bool)
         sampling = self.serving.sampling
+        max_weight = 1.0
         if sampling == "in_order":
             indices = self._next_in_order(batch_size)
             weights = np.ones(batch_size)
@@ -384,9 +394,10 @@ class ReplayBuffer:
         elif sampling == "priority":
             indices = self.tree.sample(batch_size, self.rng)
             weights = (self.tree.min / self.tree[indices]) ** beta  # P_min / P(i): the total cancels
+            max_weight = (self._size * self.tree.min / self.tree.total) ** -beta
         else:
-            indices, from_dream, weights = self._sample_dream_mix(batch_size, beta)
-        return Batch(indices, [self._entries[i] for i in indices.tolist()], weights, from_dream)
+            indices, from_dream, weights, max_weight = self._sample_dream_mix(batch_size, beta)
+        return Batch(indices, [self._entries[i] for i in indices.tolist()], weights, from_dream, max_weight)
 
     def _next_in_order(self, batch_size: int) -> np.ndarray:
         """The next entries of the latest batch, in order. Once all have been served a new pass begins
@@ -395,7 +406,7 @@ class ReplayBuffer:
         self._served += batch_size
         return positions % self._size
 
-    def _sample_dream_mix(self, batch_size: int, beta: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _sample_dream_mix(self, batch_size: int, beta: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
         """Each draw: the Dream Queue by priority with probability f, else uniform over the whole buffer.
 
         The number of Dream Queue draws is f·B rounded stochastically (its mean is exactly f·B), so the
@@ -419,7 +430,7 @@ class ReplayBuffer:
         self._counters["rest_draws"] += batch_size - drew_dream
         self._counters["dream_exposure"] += self._n_dream
         self._counters["rest_exposure"] += size - self._n_dream
-        return indices, from_dream, weights
+        return indices, from_dream, weights, (size * min(smallest)) ** -beta
 
     # ---- pruning intensity and logging ----------------------------------------------------------
 
@@ -459,27 +470,23 @@ class ReplayBuffer:
 
     # ---- persistence ----------------------------------------------------------------------------
 
+    def state(self) -> dict:
+        """The whole state but the config (RNG included): what `save` writes and `from_state` restores."""
+        return {name: value for name, value in vars(self).items() if name != "cfg"}
+
+    @classmethod
+    def from_state(cls, state: dict, cfg: BufferConfig) -> ReplayBuffer:
+        """A buffer in exactly the state `state()` returned. Behaviour follows `cfg`, whose capacity must
+        match the saved one."""
+        if state["tree"].capacity != cfg.capacity:
+            raise ValueError(f"saved with capacity {state['tree'].capacity}, params say {cfg.capacity}")
+        buffer = cls.__new__(cls)
+        buffer.__dict__.update(state, cfg=cfg)
+        return buffer
+
     def save(self, path: str | os.PathLike) -> None:
-        """Atomically write the whole state: a temp file in the same folder, fsync, then `os.replace`,
-        so a crash at any moment leaves either the previous file or the new one, never a torn one."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
-        try:
-            with handle:
-                state = {name: value for name, value in vars(self).items() if name != "cfg"}
-                pickle.dump({"format": FORMAT_VERSION, "state": state}, handle, protocol=pickle.HIGHEST_PROTOCOL)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(handle.name, path)
-        except BaseException:
-            Path(handle.name).unlink(missing_ok=True)
-            raise
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)  # make the rename itself durable
-        finally:
-            os.close(directory)
+        """Atomically write the whole state (see `write_atomically`)."""
+        write_atomically(path, {"format": FORMAT_VERSION, "state": self.state()})
 
     @classmethod
     def load(cls, path: str | os.PathLike, cfg: BufferConfig) -> ReplayBuffer:
@@ -487,22 +494,45 @@ class ReplayBuffer:
 
         The file is a pickle: load only buffers this pipeline wrote. Behaviour follows `cfg`, whose
         capacity must match the saved one."""
-        path = Path(path)
-        if not path.is_file():
-            raise BufferFileError(f"{path} not found: run the gate stage first, or restore it with `dvc pull`")
-        try:
-            with path.open("rb") as handle:
-                saved = pickle.load(handle)
-            if saved["format"] != FORMAT_VERSION:
-                raise ValueError(f"format {saved['format']}, expected {FORMAT_VERSION}")
-            state = saved["state"]
-            if state["tree"].capacity != cfg.capacity:
-                raise ValueError(f"saved with capacity {state['tree'].capacity}, params say {cfg.capacity}")
-            buffer = cls.__new__(cls)
-            buffer.__dict__.update(state, cfg=cfg)
-        except Exception as error:  # unpickling a torn or foreign file can raise almost anything
-            raise BufferFileError(
-                f"{path} is corrupt or not a CosmoCore buffer ({type(error).__name__}: {error}); "
-                "delete it and re-run the gate stage, or restore it with `dvc checkout`"
-            ) from None
-        return buffer
+        return read_buffer_file(path, lambda saved: cls.from_state(saved["state"], cfg))
+
+
+def write_atomically(path: str | os.PathLike, payload: dict) -> None:
+    """Pickle `payload` to `path` atomically: a temp file in the same folder, fsync, then `os.replace`,
+    so a crash at any moment leaves either the previous file or the new one, never a torn one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    try:
+        with handle:
+            pickle.dump(payload, handle, protocol=pickle.HIGHEST_PROTOCOL)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # make the rename itself durable
+    finally:
+        os.close(directory)
+
+
+def read_buffer_file(path: str | os.PathLike, restore: Callable[[dict], T]) -> T:
+    """`restore(payload)` of a file `write_atomically` wrote; any failure (a missing, torn or foreign
+    file, or a `restore` that refuses it) becomes a `BufferFileError` that says what to do."""
+    path = Path(path)
+    if not path.is_file():
+        raise BufferFileError(f"{path} not found: run the gate stage first, or restore it with `dvc pull`")
+    try:
+        with path.open("rb") as handle:
+            saved = pickle.load(handle)
+        if saved["format"] != FORMAT_VERSION:
+            raise ValueError(f"format {saved['format']}, expected {FORMAT_VERSION}")
+        return restore(saved)
+    except Exception as error:  # unpickling a torn or foreign file can raise almost anything
+        raise BufferFileError(
+            f"{path} is corrupt or not a CosmoCore buffer ({type(error).__name__}: {error}); "
+            "delete it and re-run the gate stage, or restore it with `dvc checkout`"
+        ) from None

@@ -132,7 +132,6 @@ class AffectConfig(Section):
     weight_decay: Annotated[float, Field(ge=0.0)]
     holdout_fraction: Annotated[float, Field(ge=0.0, lt=1.0)]
     valence_scale: Positive
-    rarity_weight: Fraction
     running_mean_decay: Fraction
     labels_csv: str
 
@@ -171,6 +170,12 @@ class TrainConfig(Section):
     lora_alpha: Positive
     lora_dropout: Annotated[float, Field(ge=0.0, lt=1.0)]
     keep_checkpoints: PositiveInt
+
+    @property
+    def updates_budget(self) -> int:
+        """The most optimizer updates a run makes (on-policy variants may make fewer): the horizon of
+        time to correction in updates, the same for every variant."""
+        return self.iterations * self.updates_per_iteration
 
 
 class EvalConfig(Section):

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def cfg() -> AffectConfig:
-    return load_params(ROOT / "params.yaml").affect.model_copy(update={"rarity_weight": 0.5, "valence_scale": 2.0, "epochs": 40})
+    return load_params(ROOT / "params.yaml").affect.model_copy(update={"valence_scale": 2.0, "epochs": 40})
 
 
 # ---- targets --------------------------------------------------------------------------------------
@@ -44,7 +44,7 @@ def test_valence_is_relative_to_the_tasks_expectation(cfg):
     assert valence[2:] == pytest.approx([0.5, 0.5, -1.0, 0.5])
 
 
-def test_arousal_is_rarity_and_confidence_not_abs_valence(cfg):
+def test_arousal_is_rarity_or_contradicted_confidence_not_abs_valence(cfg):
     tasks = ["t"] * 4
     outcomes = ["passed", "passed", "wrong_answer", "timeout"]
     rewards = np.array([1.0, 1.0, 0.0, 0.0])  # the two failures get the same reward, hence the same valence
@@ -53,19 +53,25 @@ def test_arousal_is_rarity_and_confidence_not_abs_valence(cfg):
     valence, arousal = affect_targets(rewards, tasks, outcomes, logprobs, {"t": 0.5}, history, cfg)
     # merged counts: passed 6, wrong_answer 3, timeout 1 (total 10)
     rarity = np.array([0.4, 0.4, 0.7, 0.9])
-    # confidences 0.9, 0.5, 0.9, 0.2 as percentiles of the iteration: ranks 3.5, 2, 3.5, 1 of 4
-    assert arousal == pytest.approx(0.5 * rarity + 0.5 * np.array([5 / 6, 1 / 3, 5 / 6, 0.0]))
-    assert valence[2] == valence[3] and arousal[2] != arousal[3]
+    # confidences 0.9, 0.5, 0.9, 0.2 as percentiles of the iteration: ranks 3.5, 2, 3.5, 1 of 4;
+    # the successes beat the expected 0.5 (surprise = 1 − percentile), the failures fall short (= percentile)
+    surprise = np.array([1 - 5 / 6, 1 - 1 / 3, 5 / 6, 0.0])
+    assert arousal == pytest.approx(1 - (1 - rarity) * (1 - surprise))
+    assert valence[0] == valence[1] and arousal[0] < arousal[1]  # the hesitant success is the surprising one
+    assert valence[2] == valence[3] and arousal[2] > arousal[3]  # the confident failure is the surprising one
     assert not np.allclose(arousal, np.abs(valence))
 
-    only_rarity = cfg.model_copy(update={"rarity_weight": 1.0})
-    _, arousal_of_rarity = affect_targets(rewards, tasks, outcomes, logprobs, {"t": 0.5}, history, only_rarity)
-    assert arousal_of_rarity == pytest.approx(rarity)
+
+def test_only_a_confident_routine_sample_is_calm(cfg):
+    # a task the policy always passes: rarity 0, so arousal is the surprise alone
+    rewards, tasks, outcomes = np.ones(3), ["t"] * 3, ["passed"] * 3
+    _, arousal = affect_targets(rewards, tasks, outcomes, np.log([0.95, 0.7, 0.4]), {"t": 1.0}, {"t": {"passed": 9.0}}, cfg)
+    assert arousal == pytest.approx([0.0, 0.5, 1.0])
 
 
 def test_a_lone_sample_without_tokens_sits_mid_percentile(cfg):
     _, arousal = affect_targets(np.array([0.0]), ["t"], ["no_code"], np.array([np.nan]), {}, {}, cfg)
-    assert arousal == pytest.approx([0.25])  # the only outcome so far (rarity 0), the only sample (percentile 0.5)
+    assert arousal == pytest.approx([0.5])  # the only outcome so far (rarity 0), the only sample (percentile 0.5)
 
 
 def test_mismatched_columns_fail(cfg):

@@ -42,28 +42,38 @@ def fill(buffer: ReplayBuffer, gates: list[str], td=None) -> dict:
 
 def test_gate_boundaries_are_strict(cfg):
     up, down = np.nextafter(cfg.dream_arousal, 1.0), np.nextafter(cfg.dream_valence, -1.0)
-    cases = [  # valence, arousal, entropy, expected
-        (down, 0.9, 0.0, "dream"),
-        (cfg.dream_valence, 0.9, 0.0, "regular"),  # v must be strictly below −0.5
-        (-0.9, up, 0.0, "dream"),
-        (-0.9, cfg.dream_arousal, 0.0, "regular"),  # a must be strictly above 0.7
-        (np.nextafter(cfg.prune_valence, 0.0), 0.1, 0.0, "pruned"),
-        (-np.nextafter(cfg.prune_valence, 0.0), 0.1, 0.0, "pruned"),
-        (cfg.prune_valence, 0.1, 0.0, "regular"),  # |v| must be strictly below 0.2
-        (-cfg.prune_valence, 0.1, 0.0, "regular"),
-        (0.0, np.nextafter(cfg.prune_arousal, 0.0), 0.0, "pruned"),
-        (0.0, cfg.prune_arousal, 0.0, "regular"),  # a must be strictly below 0.3
-        (0.0, 0.1, cfg.prune_entropy, "pruned"),  # entropy equal to the threshold does not save it
-        (0.0, 0.1, np.nextafter(cfg.prune_entropy, 1.0), "regular"),  # the entropy exception
-        (np.nan, np.nan, 0.0, "regular"),  # untagged
+    cases = [  # valence, arousal, expected
+        (down, 0.9, "dream"),
+        (cfg.dream_valence, 0.9, "regular"),  # v must be strictly below −0.5
+        (-0.9, up, "dream"),
+        (-0.9, cfg.dream_arousal, "regular"),  # a must be strictly above 0.7
+        (np.nextafter(cfg.prune_valence, 0.0), 0.1, "pruned"),
+        (-np.nextafter(cfg.prune_valence, 0.0), 0.1, "pruned"),
+        (cfg.prune_valence, 0.1, "regular"),  # |v| must be strictly below 0.2
+        (-cfg.prune_valence, 0.1, "regular"),
+        (0.0, np.nextafter(cfg.prune_arousal, 0.0), "pruned"),
+        (0.0, cfg.prune_arousal, "regular"),  # a must be strictly below 0.3
+        (np.nan, np.nan, "regular"),  # untagged
     ]
-    valence, arousal, entropy, expected = zip(*cases)
-    assert gate(valence, arousal, entropy, cfg).tolist() == list(expected)
+    valence, arousal, expected = zip(*cases)
+    assert gate(valence, arousal, cfg).tolist() == list(expected)
+
+
+@pytest.mark.parametrize("variant", ["cosmocore", "cosmocore_no_prune"])
+def test_entropy_exception_keeps_prune_bin_entries_of_an_unsure_policy(cfg, variant):
+    buffer = ReplayBuffer(cfg, variant, seed=0)
+    entropy = [cfg.prune_entropy, np.nextafter(cfg.prune_entropy, 1.0), 0.9, np.nan]  # equal to it saves nothing
+    added = buffer.add([{"id": i} for i in range(4)], [0.0] * 4, [0.1] * 4, entropy)
+    assert (added["pruned"], added["spared"]) == (4, 2)  # all four are in the Prune Bin, two spared
+    deleted = 2 if variant == "cosmocore" else 0
+    assert added["dropped_pruned"] == deleted
+    assert sorted(e["id"] for e in buffer.entries()) == ([1, 2] if deleted else [0, 1, 2, 3])
+    assert buffer.replay_stats()["dream_size"] == 0  # spared entries join the regular pool
 
 
 def test_gate_uses_a_tuned_prune_band(cfg):
-    assert gate([0.25], [0.1], [0.0], cfg).tolist() == ["regular"]
-    assert gate([0.25], [0.1], [0.0], cfg, prune_valence=0.3).tolist() == ["pruned"]
+    assert gate([0.25], [0.1], cfg).tolist() == ["regular"]
+    assert gate([0.25], [0.1], cfg, prune_valence=0.3).tolist() == ["pruned"]
 
 
 # ---- sum tree -------------------------------------------------------------------------------------
