@@ -18,6 +18,7 @@ import pandas as pd
 from cosmocore.records import OUTCOMES
 
 HALLUCINATED = "hallucinated"
+TTCUnit = Literal["iterations", "updates"]
 
 
 # ------------------------------------------------------------------------------------------ pass@k
@@ -81,34 +82,38 @@ def outcome_taxonomy(outcomes: Iterable[str]) -> dict[str, float]:
 # ------------------------------------------------------------------------------- time to correction
 
 
-def time_to_correction(log: pd.DataFrame, horizon: int) -> dict[str, float]:
-    """Training-time self-correction speed, in iterations (DESIGN.md, "Time to correction").
+def time_to_correction(log: pd.DataFrame, horizon: float, unit: TTCUnit = "iterations") -> dict[str, float]:
+    """Training-time self-correction speed (DESIGN.md, "Time to correction"), in iterations or in
+    optimizer updates.
 
-    `log` has one row per training sample: iteration, task_id, outcome, hallucinated. A (task, failure
-    kind) pair -- kind = an outcome class other than passed, or "hallucinated" -- first seen at
-    iteration i is corrected at the first j > i such that iterations j and j+1 are both in the log for
-    that task and neither has the kind; TTC = j − i. A pair never corrected is censored: it is known to
-    need more than L − 1 − i iterations, L being the task's last logged iteration. Pairs first seen
-    after L − 2 could not have been seen corrected and are left out (counted in `n_unobservable`).
+    `log` has one row per training sample: iteration, task_id, outcome, hallucinated (and
+    optimizer_steps for `unit="updates"`, see `updates_before`). A (task, failure kind) pair -- kind =
+    an outcome class other than passed, or "hallucinated" -- first seen at iteration i is corrected at
+    the first j > i such that iterations j and j+1 are both in the log for that task and neither has
+    the kind; TTC = j − i iterations, or the optimizer updates made in between (those of the nocturnal
+    phases of iterations i … j−1). A pair never corrected is censored: it is known to need more than
+    L − 1 − i iterations (more than the updates of iterations i … L−2), L being the task's last logged
+    iteration. Pairs first seen after L − 2 could not have been seen corrected and are left out
+    (counted in `n_unobservable`); both units count the same pairs.
 
     Returns `mean` (over corrected pairs; NaN when none), `censored_share`, `km_mean` (the
-    Kaplan–Meier restricted mean: the area under the survival curve from 0 to `horizon`, the curve
-    held at its last value beyond the last observed time), `n_pairs`, `n_corrected`, `n_unobservable`.
+    Kaplan–Meier restricted mean: the area under the survival curve from 0 to `horizon`, in `unit`,
+    the curve held at its last value beyond the last observed time), `n_pairs`, `n_corrected`,
+    `n_unobservable`.
     """
     if horizon < 1:
-        raise ValueError(f"time_to_correction: horizon must be >= 1 iteration, got {horizon}")
-    missing = {"iteration", "task_id", "outcome", "hallucinated"} - set(log.columns)
+        raise ValueError(f"time_to_correction: horizon must be >= 1 ({unit}), got {horizon}")
+    required = {"iteration", "task_id", "outcome", "hallucinated"} | ({"optimizer_steps"} if unit == "updates" else set())
+    missing = required - set(log.columns)
     if missing:
         raise ValueError(f"time_to_correction: the log lacks columns {sorted(missing)}")
+    steps = updates_before(log) if unit == "updates" else None
     durations, corrected, unobservable = [], [], 0
     for _, samples in log.groupby("task_id", sort=False):
-        kinds_by_iteration = _failure_kinds(samples)
-        for duration, event in _pair_durations(kinds_by_iteration):
-            if duration < 1 and not event:
-                unobservable += 1
-            else:
-                durations.append(duration)
-                corrected.append(event)
+        pairs, skipped = ttc_pairs(samples, steps)
+        durations += [duration for duration, _ in pairs]
+        corrected += [event for _, event in pairs]
+        unobservable += skipped
     times, events = np.array(durations, dtype=float), np.array(corrected, dtype=bool)
     return {
         "mean": float(times[events].mean()) if events.any() else float("nan"),
@@ -118,6 +123,43 @@ def time_to_correction(log: pd.DataFrame, horizon: int) -> dict[str, float]:
         "n_corrected": int(events.sum()),
         "n_unobservable": unobservable,
     }
+
+
+def updates_before(log: pd.DataFrame) -> dict[int, int]:
+    """{iteration i: optimizer updates made before iteration i's samples were drawn}.
+
+    The training flow logs with each sample of iteration i the updates done by the end of iteration
+    i's nocturnal phase, S(i) (`optimizer_steps`, cumulative). The samples of iteration i come from the
+    policy after S(i−1) updates (0 for i = 0), so a pair first seen at i and corrected at j took
+    S(j−1) − S(i−1) updates. Needs every iteration from 0 to the last in the log.
+    """
+    per_iteration = log.groupby("iteration")["optimizer_steps"].agg(["min", "max"])
+    uneven = per_iteration.index[per_iteration["min"] != per_iteration["max"]].tolist()
+    if uneven:
+        raise ValueError(f"time_to_correction: optimizer_steps differs within iteration(s) {uneven}; "
+                         "it must be the updates done by the end of that iteration")
+    iterations = [int(i) for i in per_iteration.index]
+    if iterations != list(range(len(iterations))):
+        raise ValueError(f"time_to_correction: counting updates needs every iteration from 0 in the log, got {iterations}")
+    done = [int(s) for s in per_iteration["max"]]
+    if any(later < earlier for earlier, later in zip(done, done[1:])):
+        raise ValueError(f"time_to_correction: optimizer_steps must not decrease over iterations, got {done}")
+    return {i: done[i - 1] if i else 0 for i in iterations}
+
+
+def ttc_pairs(samples: pd.DataFrame, steps_before: dict[int, int] | None = None) -> tuple[list[tuple[float, bool]], int]:
+    """One task's observable (task, failure kind) pairs as (TTC, True) when corrected and (censoring
+    time, False) when not, in iterations, or in optimizer updates given `updates_before(log)`; and the
+    number of unobservable pairs left out (see `time_to_correction`)."""
+    pairs, unobservable = [], 0
+    for start, end, event in _pair_spans(_failure_kinds(samples)):
+        if end - start < 1 and not event:
+            unobservable += 1
+        elif steps_before is None:
+            pairs.append((float(end - start), event))
+        else:
+            pairs.append((float(steps_before[end] - steps_before[start]), event))
+    return pairs, unobservable
 
 
 def _failure_kinds(samples: pd.DataFrame) -> dict[int, set[str]]:
@@ -132,14 +174,15 @@ def _failure_kinds(samples: pd.DataFrame) -> dict[int, set[str]]:
     return kinds
 
 
-def _pair_durations(kinds_by_iteration: dict[int, set[str]]) -> list[tuple[int, bool]]:
-    """(TTC, True) for each corrected pair of one task, (censoring time, False) for the others."""
+def _pair_spans(kinds_by_iteration: dict[int, set[str]]) -> list[tuple[int, int, bool]]:
+    """(first seen, corrected at, True) for each corrected pair of one task, (first seen, L − 1, False)
+    for the others, L being the task's last iteration."""
     last = max(kinds_by_iteration)
     first_seen: dict[str, int] = {}
     for iteration in sorted(kinds_by_iteration):
         for kind in kinds_by_iteration[iteration]:
             first_seen.setdefault(kind, iteration)
-    pairs = []
+    spans = []
     for kind, start in first_seen.items():
         fix = next(
             (
@@ -151,8 +194,8 @@ def _pair_durations(kinds_by_iteration: dict[int, set[str]]) -> list[tuple[int, 
             ),
             None,
         )
-        pairs.append((fix - start, True) if fix is not None else (last - 1 - start, False))
-    return pairs
+        spans.append((start, fix, True) if fix is not None else (start, last - 1, False))
+    return spans
 
 
 def kaplan_meier_restricted_mean(times: np.ndarray, events: np.ndarray, horizon: float) -> float:

@@ -30,10 +30,11 @@ import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from cosmocore.metrics import (  # noqa: E402
-    _failure_kinds,
-    _pair_durations,
+    TTCUnit,
     kaplan_meier_restricted_mean,
     minimum_detectable_effect,
+    ttc_pairs,
+    updates_before,
 )
 
 TREATMENT = "cosmocore"
@@ -68,9 +69,12 @@ class Metric:
 
 PASS = Metric("pass_at_1", "held-out pass@1", "higher")
 HALLUCINATION = Metric("hallucination_rate", "held-out hallucination rate", "lower")
-TTC = Metric("ttc_km_mean", "time to correction (Kaplan-Meier mean, iterations)", "lower",
-             " (a failure is seen corrected only once two later iterations are free of it, so a run this short "
-             "has no measurable failure)")
+TTC_UNMEASURED = (" (a failure is seen corrected only once two later iterations are free of it, so a run this short "
+                  "has no measurable failure)")
+TTC = Metric("ttc_km_mean", "time to correction (Kaplan-Meier mean, iterations)", "lower", TTC_UNMEASURED)
+TTC_UPDATES = Metric("ttc_updates_km_mean", "time to correction (Kaplan-Meier mean, optimizer updates)", "lower",
+                     TTC_UNMEASURED)
+TTC_METRICS = {"iterations": TTC, "updates": TTC_UPDATES}
 HELDOUT_METRICS = (PASS, HALLUCINATION)
 
 
@@ -82,6 +86,8 @@ class ReportInputs:
     `eval_metrics` its metrics files, checked against what is recomputed here; `histories`,
     `samples_logs` and `rollouts` (all iterations' trajectory tables concatenated) come from training.
     `decoding` names the held-out table used, `greedy` (metric keys prefixed `greedy_`) or `sampled`.
+    `horizon` is the TTC horizon in iterations (the run's length) and `horizon_updates` in optimizer
+    updates (the run's update budget; None: TTC is not reported in updates).
     """
 
     profile: str
@@ -92,10 +98,14 @@ class ReportInputs:
     rollouts: dict[str, pd.DataFrame]
     horizon: int
     decoding: Literal["greedy", "sampled"] = "greedy"
+    horizon_updates: int | None = None
 
     @property
     def metric_prefix(self) -> str:
         return "greedy_" if self.decoding == "greedy" else ""
+
+    def ttc_horizon(self, unit: TTCUnit) -> int | None:
+        return self.horizon if unit == "iterations" else self.horizon_updates
 
 
 # ------------------------------------------------------------------------------------ policies
@@ -136,18 +146,30 @@ def per_task_heldout(samples: pd.DataFrame) -> pd.DataFrame:
     return flags.groupby("task_id").mean().sort_index()
 
 
-def ttc_pairs_by_task(log: pd.DataFrame) -> PairsByTask:
+def ttc_pairs_by_task(log: pd.DataFrame, unit: TTCUnit = "iterations") -> PairsByTask:
     """(durations, corrected flags) of each training task's (task, failure kind) pairs, counted exactly
-    as `metrics.time_to_correction` counts them (unobservable pairs left out), kept per task so that
-    tasks can be resampled. Tasks without a pair stay, with empty arrays: they weigh in the resampling."""
+    as `metrics.time_to_correction` counts them (unobservable pairs left out), in iterations or in
+    optimizer updates, kept per task so that tasks can be resampled. Tasks without a pair stay, with
+    empty arrays: they weigh in the resampling."""
+    steps = updates_before(log) if unit == "updates" else None
     pairs: PairsByTask = {}
     for task_id, samples in log.groupby("task_id", sort=True):
-        kept = [(d, e) for d, e in _pair_durations(_failure_kinds(samples)) if d >= 1 or e]
+        kept, _ = ttc_pairs(samples, steps)
         pairs[str(task_id)] = (np.array([d for d, _ in kept], dtype=float), np.array([e for _, e in kept], dtype=bool))
     return pairs
 
 
-def ttc_km_mean(pairs: PairsByTask, tasks: Sequence[str], horizon: int) -> float:
+def ttc_pairs_by_unit(inputs: ReportInputs) -> dict[str, dict[str, PairsByTask]]:
+    """{unit: {trained policy: its `ttc_pairs_by_task`}}; in updates only for the samples logs that
+    record optimizer steps, and only when the inputs give an update horizon."""
+    pairs = {"iterations": {policy: ttc_pairs_by_task(log) for policy, log in inputs.samples_logs.items()}}
+    if inputs.horizon_updates is not None:
+        pairs["updates"] = {policy: ttc_pairs_by_task(log, "updates") for policy, log in inputs.samples_logs.items()
+                            if "optimizer_steps" in log}
+    return pairs
+
+
+def ttc_km_mean(pairs: PairsByTask, tasks: Sequence[str], horizon: float) -> float:
     """The Kaplan-Meier mean TTC of the pooled pairs of `tasks` (repeats allowed); NaN without pairs."""
     times = np.concatenate([pairs[t][0] for t in tasks]) if tasks else np.array([])
     events = np.concatenate([pairs[t][1] for t in tasks]) if tasks else np.array([], dtype=bool)
@@ -220,20 +242,23 @@ def heldout_estimates(inputs: ReportInputs) -> tuple[dict[str, dict[str, Estimat
     return estimates, tasks
 
 
-def ttc_estimates(inputs: ReportInputs, pairs: dict[str, PairsByTask]) -> tuple[dict[str, Estimate], list[str]]:
-    """{trained policy: Estimate of the Kaplan-Meier mean TTC} over the training tasks, and those tasks.
-    `pairs` is `ttc_pairs_by_task` of each policy's samples log."""
+def ttc_estimates(inputs: ReportInputs, pairs: dict[str, PairsByTask],
+                  unit: TTCUnit = "iterations") -> tuple[dict[str, Estimate], list[str]]:
+    """{trained policy: Estimate of the Kaplan-Meier mean TTC in `unit`} over the training tasks, and
+    those tasks. `pairs` is `ttc_pairs_by_task` of each policy's samples log, in that unit. The same
+    resampled tasks serve both units, so their intervals are paired alike."""
     if not pairs:
         return {}, []
     tasks = sorted(set().union(*(p.keys() for p in pairs.values())))
     draws = resample_indices(len(tasks), seed=1)
     empty = (np.array([]), np.array([], dtype=bool))
+    horizon = inputs.ttc_horizon(unit)
     estimates = {}
     for policy, by_task in pairs.items():
         by_task = {t: by_task.get(t, empty) for t in tasks}
-        value = ttc_km_mean(by_task, tasks, inputs.horizon)
-        _check_against_file(inputs, policy, TTC.key, value)
-        resampled = np.array([ttc_km_mean(by_task, [tasks[i] for i in row], inputs.horizon) for row in draws])
+        value = ttc_km_mean(by_task, tasks, horizon)
+        _check_against_file(inputs, policy, TTC_METRICS[unit].key, value)
+        resampled = np.array([ttc_km_mean(by_task, [tasks[i] for i in row], horizon) for row in draws])
         estimates[policy] = Estimate(value, resampled)
     return estimates, tasks
 
@@ -317,7 +342,7 @@ def compare(metric: Metric, control: str, estimates: dict[str, Estimate], n_task
     TTC is Z_MDE bootstrap standard errors of the difference."""
     treated, base = estimates[TREATMENT], estimates[control]
     difference = Estimate(treated.value - base.value, treated.resampled - base.resampled)
-    if metric is TTC:
+    if metric in TTC_METRICS.values():
         finite = difference.resampled[np.isfinite(difference.resampled)]
         mde = Z_MDE * float(np.std(finite)) if finite.size else float("nan")
     else:
@@ -326,17 +351,20 @@ def compare(metric: Metric, control: str, estimates: dict[str, Estimate], n_task
     return Comparison(metric, control, treated.value, base.value, difference, mde, n_tasks)
 
 
-def comparisons(heldout: dict[str, dict[str, Estimate]], ttc: dict[str, Estimate], n_heldout: int, n_train: int) -> list[Comparison]:
+def comparisons(heldout: dict[str, dict[str, Estimate]], ttc: dict[str, dict[str, Estimate]], n_heldout: int,
+                n_train: int) -> list[Comparison]:
     """Every comparison of CosmoCore with a control present: held-out metrics against all controls,
-    TTC against the trained ones (the base model is not trained, so it has no TTC)."""
+    TTC (`ttc`: {unit: {variant: Estimate}}, in iterations and in optimizer updates) against the
+    trained ones (the base model is not trained, so it has no TTC)."""
     if TREATMENT not in heldout:
         return []
     found = []
     for control in (c for c in CONTROLS if c in heldout):
         for metric in (HALLUCINATION, PASS):
             found.append(compare(metric, control, {v: e[metric.key] for v, e in heldout.items()}, n_heldout))
-        if control in ttc and TREATMENT in ttc:
-            found.append(compare(TTC, control, ttc, n_train))
+        for unit, estimates in ttc.items():
+            if control in estimates and TREATMENT in estimates:
+                found.append(compare(TTC_METRICS[unit], control, estimates, n_train))
     return found
 
 
@@ -360,23 +388,26 @@ def buffer_summary(histories: dict[str, pd.DataFrame]) -> dict[str, dict[str, fl
 # ------------------------------------------------------------------------------------ plots
 
 
-def plot_learning_curves(histories: dict[str, pd.DataFrame], ttc_pairs: dict[str, PairsByTask], horizon: int, path: Path) -> Path:
+def plot_learning_curves(histories: dict[str, pd.DataFrame], ttc_pairs: dict[str, dict[str, PairsByTask]],
+                         horizons: dict[str, int | None], path: Path) -> Path:
     """Train hallucination rate, pass rate and reward per iteration, and the share of failure pairs
-    corrected within t iterations (the TTC distribution; never-corrected pairs count as not corrected)."""
-    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
+    corrected within t iterations, and within t optimizer updates when measured (the TTC distribution;
+    never-corrected pairs count as not corrected). `ttc_pairs` and `horizons` are keyed by unit."""
+    fig, axes = plt.subplots(1, len(CURVE_COLUMNS) + len(ttc_pairs), figsize=(4.25 * (len(CURVE_COLUMNS) + len(ttc_pairs)), 3.6))
     for policy, history in histories.items():
         for ax, column in zip(axes, CURVE_COLUMNS):
             ax.plot(history["iteration"], history[column], marker="o", label=policy)
             ax.set_title(column.replace("_", " "))
             ax.set_xlabel("iteration")
-    for policy, by_task in ttc_pairs.items():
-        times = np.concatenate([p[0] for p in by_task.values()]) if by_task else np.array([])
-        events = np.concatenate([p[1] for p in by_task.values()]) if by_task else np.array([], dtype=bool)
-        if len(times):
-            steps = np.arange(1, horizon + 1)
-            axes[3].step(steps, [np.mean(events & (times <= t)) for t in steps], where="post", label=policy)
-    axes[3].set_title("failure pairs corrected within t")
-    axes[3].set_xlabel("t (iterations)")
+    for ax, (unit, pairs) in zip(axes[len(CURVE_COLUMNS):], ttc_pairs.items()):
+        for policy, by_task in pairs.items():
+            times = np.concatenate([p[0] for p in by_task.values()]) if by_task else np.array([])
+            events = np.concatenate([p[1] for p in by_task.values()]) if by_task else np.array([], dtype=bool)
+            if len(times):
+                steps = np.arange(1, horizons[unit] + 1)
+                ax.step(steps, [np.mean(events & (times <= t)) for t in steps], where="post", label=policy)
+        ax.set_title("failure pairs corrected within t")
+        ax.set_xlabel(f"t ({'optimizer updates' if unit == 'updates' else unit})")
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].legend(fontsize=8)
@@ -454,25 +485,28 @@ def build_report(inputs: ReportInputs, out_dir: Path) -> tuple[str, dict]:
     out_dir.mkdir(parents=True, exist_ok=True)
     groups = group_by_variant(list(inputs.heldout_samples))
     heldout, tasks = heldout_estimates(inputs)
-    pairs = {policy: ttc_pairs_by_task(log) for policy, log in inputs.samples_logs.items()}
-    ttc, train_tasks = ttc_estimates(inputs, pairs)
+    pairs = ttc_pairs_by_unit(inputs)
+    estimated = {unit: ttc_estimates(inputs, by_policy, unit) for unit, by_policy in pairs.items()}
+    ttc = {unit: estimates for unit, (estimates, _) in estimated.items()}  # {unit: {policy: Estimate}}
+    train_tasks = estimated["iterations"][1]
     by_variant = {metric.key: variant_estimates({p: e[metric.key] for p, e in heldout.items()}, groups) for metric in HELDOUT_METRICS}
     variant_heldout = {v: {m: by_variant[m][v] for m in by_variant} for v in groups}
-    variant_ttc = variant_estimates(ttc, groups)
+    variant_ttc = {unit: variant_estimates(estimates, groups) for unit, estimates in ttc.items()}
     found = comparisons(variant_heldout, variant_ttc, len(tasks), len(train_tasks))
     multi_seed = {v: ps for v, ps in groups.items() if len(ps) > 1}
 
     plots = [plot_heldout(heldout | {f"{v} (mean)": variant_heldout[v] for v in multi_seed}, out_dir / "heldout.png"),
-             plot_learning_curves(inputs.histories, pairs, inputs.horizon, out_dir / "learning_curves.png"),
+             plot_learning_curves(inputs.histories, pairs, {unit: inputs.ttc_horizon(unit) for unit in pairs},
+                                  out_dir / "learning_curves.png"),
              plot_buffer(inputs.histories, out_dir / "buffer_composition.png") if inputs.histories else None,
              plot_affect(inputs.rollouts, out_dir / "affect_scatter.png")]
     plot_names = [p.name for p in plots if p is not None]
 
     numbers = {
         "profile": inputs.profile, "decoding": inputs.decoding, "heldout_tasks": len(tasks),
-        "train_tasks": len(train_tasks), "horizon": inputs.horizon,
-        "policies": {p: _policy_numbers(inputs, p, heldout[p], ttc.get(p)) for p in heldout},
-        "variants": {v: _variant_numbers(ps, variant_heldout[v], variant_ttc.get(v)) for v, ps in groups.items()},
+        "train_tasks": len(train_tasks), "horizon": inputs.horizon, "horizon_updates": inputs.horizon_updates,
+        "policies": {p: _policy_numbers(inputs, p, heldout[p], _ttc_of(ttc, p)) for p in heldout},
+        "variants": {v: _variant_numbers(ps, variant_heldout[v], _ttc_of(variant_ttc, v)) for v, ps in groups.items()},
         "comparisons": [c.as_dict() for c in found],
         "buffer": buffer_summary(inputs.histories),
         "execution_reasoning": {p: {k: float(m[k]) for k in EXEC_KEYS} for p, m in inputs.eval_metrics.items()
@@ -483,20 +517,23 @@ def build_report(inputs: ReportInputs, out_dir: Path) -> tuple[str, dict]:
     return render(numbers, multi_seed), numbers
 
 
-def _policy_numbers(inputs: ReportInputs, policy: str, heldout: dict[str, Estimate], ttc: Estimate | None) -> dict:
+def _ttc_of(ttc: dict[str, dict[str, Estimate]], name: str) -> dict[str, Estimate]:
+    """{TTC metric key: Estimate} of one policy or variant, for the units it was measured in."""
+    return {TTC_METRICS[unit].key: estimates[name] for unit, estimates in ttc.items() if name in estimates}
+
+
+def _policy_numbers(inputs: ReportInputs, policy: str, heldout: dict[str, Estimate], ttc: dict[str, Estimate]) -> dict:
     variant, seed = split_policy(policy)
     row: dict = {"variant": variant, "seed": seed, **{m: e.as_dict() for m, e in heldout.items()}}
-    if ttc is not None:
-        row[TTC.key] = ttc.as_dict()
+    row |= {key: estimate.as_dict() for key, estimate in ttc.items()}
+    if ttc:
         row["ttc_censored_share"] = float(inputs.eval_metrics.get(policy, {}).get("ttc_censored_share", float("nan")))
     return row
 
 
-def _variant_numbers(policies: list[str], heldout: dict[str, Estimate], ttc: Estimate | None) -> dict:
+def _variant_numbers(policies: list[str], heldout: dict[str, Estimate], ttc: dict[str, Estimate]) -> dict:
     row: dict = {"seeds": [split_policy(p)[1] for p in policies], **{m: e.as_dict() for m, e in heldout.items()}}
-    if ttc is not None:
-        row[TTC.key] = ttc.as_dict()
-    return row
+    return row | {key: estimate.as_dict() for key, estimate in ttc.items()}
 
 
 def render(numbers: dict, multi_seed: dict[str, list[str]]) -> str:
@@ -504,19 +541,23 @@ def render(numbers: dict, multi_seed: dict[str, list[str]]) -> str:
     seeds = sorted({s for v in numbers["variants"].values() for s in v["seeds"] if s is not None})
     variants = [v for v in numbers["variants"] if v != "base"]
     method = numbers["method"]
+    in_updates = numbers["horizon_updates"] is not None
+    budget = f" (at most {numbers['horizon_updates']} optimizer updates)" if in_updates else ""
     lines = [f"# CosmoCore report (profile `{numbers['profile']}`)", "",
              f"Held-out tasks: {numbers['heldout_tasks']} ({numbers['decoding']} decoding). Training: {numbers['horizon']} "
-             f"iterations on {numbers['train_tasks']} tasks. Variants: {', '.join(variants)}; seeds: {', '.join(map(str, seeds))}.", "",
+             f"iterations{budget} on {numbers['train_tasks']} tasks. Variants: {', '.join(variants)}; seeds: {', '.join(map(str, seeds))}.", "",
              "## Claims", ""]
     lines += [f"- {c['sentence']}" for c in numbers["comparisons"]] or [f"- No `{TREATMENT}` run in this study: nothing to compare."]
     lines += ["", "## Held-out metrics", "",
               "Point estimates with 95% percentile-bootstrap intervals over tasks"
               + (" (and over seeds for the seed means)" if multi_seed else "") + ". TTC is measured on the training tasks.", "",
-              "| policy | pass@1 [95% CI] | hallucination rate [95% CI] | TTC KM mean [95% CI] | TTC censored share |",
-              "|---|---|---|---|---|"]
+              "| policy | pass@1 [95% CI] | hallucination rate [95% CI] | TTC KM mean, iterations [95% CI] | "
+              + ("TTC KM mean, optimizer updates [95% CI] | " if in_updates else "") + "TTC censored share |",
+              "|---|---|---|---|" + ("---|" if in_updates else "") + "---|"]
     rows = dict(numbers["policies"]) | {f"{v} (mean of {len(ps)} seeds)": numbers["variants"][v] for v, ps in multi_seed.items()}
     for name, row in rows.items():
-        cells = [_with_ci(row.get(m)) for m in (PASS.key, HALLUCINATION.key, TTC.key)]
+        keys = (PASS.key, HALLUCINATION.key, TTC.key) + ((TTC_UPDATES.key,) if in_updates else ())
+        cells = [_with_ci(row.get(m)) for m in keys]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {fmt(row.get('ttc_censored_share', float('nan')))} |")
     lines += _comparison_table(numbers["comparisons"]) + _buffer_table(numbers["buffer"])
     lines += _execution_table(numbers["execution_reasoning"])
@@ -526,7 +567,12 @@ def render(numbers: dict, multi_seed: dict[str, list[str]]) -> str:
               "so differences are paired on tasks; a variant's seeds are resampled on their own.",
               f"- Smallest detectable effect: for rates, a two-sided two-proportion z-test at alpha {fmt(method['alpha'])} with power "
               f"{fmt(method['power'])}, as many samples per arm as held-out tasks, from the control's rate; for TTC, "
-              f"{fmt(method['z_mde'])} bootstrap standard errors of the difference.", ""]
+              f"{fmt(method['z_mde'])} bootstrap standard errors of the difference."]
+    if in_updates:
+        lines.append("- TTC in optimizer updates counts the updates made between the iteration a failure was first seen and "
+                     "the one it was corrected at; its Kaplan-Meier mean is restricted to the update budget for every variant "
+                     "alike, so a variant that makes fewer updates (on-policy) is not judged on a shorter horizon.")
+    lines.append("")
     return "\n".join(lines)
 
 

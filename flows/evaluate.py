@@ -88,8 +88,13 @@ def evaluate_flow(policy: str, tasks_path: str = "data/prepared/eval.jsonl", tra
             metrics |= execution_reasoning(model, tokenizer, tasks, sandbox, cfg, style, ids)
         log_path = Path(runs_root) / policy / "samples_log.parquet"
         if adapter is not None and log_path.exists():
-            ttc = time_to_correction(pd.read_parquet(log_path), horizon=cfg.train.iterations)
+            log = pd.read_parquet(log_path)
+            ttc = time_to_correction(log, horizon=cfg.train.iterations)
             metrics |= {f"ttc_{k}": v for k, v in ttc.items()}
+            if "optimizer_steps" in log:  # also in optimizer updates, over the same pairs
+                in_updates = time_to_correction(log, horizon=cfg.train.updates_budget, unit="updates")
+                metrics |= {"ttc_updates_mean": in_updates["mean"], "ttc_updates_km_mean": in_updates["km_mean"],
+                            "ttc_updates_horizon": cfg.train.updates_budget}
         metrics["tasks"] = len(tasks)
         write_json(Path(metrics_root) / f"{policy}.json", metrics)
         tracker.log_params({**tags, "eval": cfg.eval.model_dump()})

@@ -20,6 +20,7 @@ from flows.tracking import Tracker
 
 HEADLINE = ("greedy_pass_at_1", "greedy_hallucination_rate", "greedy_hallucination_static", "greedy_hallucination_runtime",
             "pass_at_1", "hallucination_rate", "hallucination_static", "hallucination_runtime", "ttc_km_mean", "ttc_censored_share",
+            "ttc_updates_km_mean",
             "exec_output_accuracy", "exec_alignment_reward")
 
 
@@ -30,8 +31,9 @@ def _rollouts(state_dir: Path) -> pd.DataFrame:
 
 
 def read_inputs(profile: str, policies: list[str], horizon: int, greedy: bool, eval_metrics_root: Path,
-                eval_root: Path, runs_root: Path) -> ReportInputs:
-    """Everything the report is made from, read from the evaluate and train stages' outputs."""
+                eval_root: Path, runs_root: Path, horizon_updates: int | None = None) -> ReportInputs:
+    """Everything the report is made from, read from the evaluate and train stages' outputs; TTC
+    horizons in iterations and (when given) in optimizer updates."""
     decoding = "greedy" if greedy else "sampled"
     trained = [p for p in policies if p != "base"]
     logs = {p: runs_root / p / "samples_log.parquet" for p in trained}
@@ -44,6 +46,7 @@ def read_inputs(profile: str, policies: list[str], horizon: int, greedy: bool, e
         rollouts={p: frame for p in trained if not (frame := _rollouts(runs_root / p / "state")).empty},
         horizon=horizon,
         decoding=decoding,
+        horizon_updates=horizon_updates,
     )
 
 
@@ -53,7 +56,7 @@ def report_flow(eval_metrics_root: str = "data/metrics/eval", eval_root: str = "
     cfg = load_config(CONFIG_DIR)
     policies = ["base"] + [f"{v}-s{s}" for v in cfg.study.variants for s in cfg.study.seeds]
     inputs = read_inputs(cfg.profile, policies, cfg.train.iterations, cfg.eval.greedy, Path(eval_metrics_root),
-                         Path(eval_root), Path(runs_root))
+                         Path(eval_root), Path(runs_root), horizon_updates=cfg.train.updates_budget)
     write_json(metrics_path, {p: {k: v for k, v in m.items() if k in HEADLINE or "pass_at_" in k or "repair_" in k}
                               for p, m in inputs.eval_metrics.items()})
     out = Path(out_dir)

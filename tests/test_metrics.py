@@ -17,6 +17,7 @@ from cosmocore.metrics import (
     outcome_taxonomy,
     pass_at_k,
     time_to_correction,
+    updates_before,
 )
 
 
@@ -48,7 +49,7 @@ def _log(rows):
     return pd.DataFrame(rows, columns=["iteration", "task_id", "outcome", "hallucinated"])
 
 
-def test_time_to_correction_on_a_hand_made_log():
+def _hand_made_rows():
     rows = []
     # A: wrong_answer at 0, 1, gone at 2 and 3 -> TTC 2; hallucinated at 0, gone at 1 and 2 -> TTC 1
     for it, outcome, flag in [(0, "wrong_answer", True), (1, "wrong_answer", False), (2, "passed", False),
@@ -62,12 +63,58 @@ def test_time_to_correction_on_a_hand_made_log():
     # D: wrong_answer at 2 and 4, never absent twice in a row -> censored at 5 - 1 - 2 = 2
     for it, outcome in enumerate(["passed", "passed", "wrong_answer", "passed", "wrong_answer", "passed"]):
         rows.append((it, "D", outcome, False))
+    return rows
+
+
+def test_time_to_correction_on_a_hand_made_log():
+    rows = _hand_made_rows()
     result = time_to_correction(_log(rows), horizon=5)
     assert result["n_pairs"] == 6 and result["n_corrected"] == 4 and result["n_unobservable"] == 1
     assert result["mean"] == pytest.approx(1.5) and result["censored_share"] == pytest.approx(1 / 3)
     # KM: S = 1 on [0,1), 4/6 on [1,2), 4/6 * 2/4 = 1/3 on [2,5]  ->  1 + 2/3 + 3 * 1/3
     assert result["km_mean"] == pytest.approx(1 + 2 / 3 + 1)
     assert time_to_correction(_log(rows), horizon=2)["km_mean"] == pytest.approx(1 + 2 / 3)
+
+
+# Optimizer updates done by the end of each iteration's nocturnal phase (3, 2, 4, 1, 4, 2 updates), as
+# the training flow logs them; iteration i's samples come from the policy after the previous value.
+STEPS_DONE = [3, 5, 9, 10, 14, 16]
+
+
+def test_time_to_correction_in_optimizer_updates_on_a_hand_made_log():
+    log = _log(_hand_made_rows())
+    log["optimizer_steps"] = log["iteration"].map(dict(enumerate(STEPS_DONE)))
+    assert updates_before(log) == {0: 0, 1: 3, 2: 5, 3: 9, 4: 10, 5: 14}
+    result = time_to_correction(log, horizon=16, unit="updates")
+    # Corrected: A wrong_answer 0 -> 2: 5 - 0 = 5; A hallucinated 0 -> 1: 3; B timeout 1 -> 3: 9 - 3 = 6;
+    # B runtime_error 3 -> 4: 10 - 9 = 1. Censored at iteration 4 (before it: 10 updates): C syntax_error
+    # from 0: 10 - 0 = 10; D wrong_answer from 2: 10 - 5 = 5. C runtime_error first at 4: unobservable.
+    assert (result["n_pairs"], result["n_corrected"], result["n_unobservable"]) == (6, 4, 1)
+    assert result["mean"] == pytest.approx((5 + 3 + 6 + 1) / 4) and result["censored_share"] == pytest.approx(1 / 3)
+    # KM over 1e 3e 5e 5c 6e 10c: S = 1 on [0,1), 5/6 on [1,3), 2/3 on [3,5), 1/2 on [5,6), 1/4 on [6,16]
+    assert result["km_mean"] == pytest.approx(1 + 2 * 5 / 6 + 2 * 2 / 3 + 1 / 2 + 10 / 4)  # = 7
+    assert time_to_correction(log, horizon=8, unit="updates")["km_mean"] == pytest.approx(4.5 + 2 / 4)
+
+
+def test_with_the_same_updates_every_iteration_updates_are_that_many_times_iterations():
+    log = _log(_hand_made_rows())
+    log["optimizer_steps"] = 4 * (log["iteration"] + 1)
+    iterations, updates = time_to_correction(log, horizon=5), time_to_correction(log, horizon=20, unit="updates")
+    assert updates["mean"] == pytest.approx(4 * iterations["mean"])
+    assert updates["km_mean"] == pytest.approx(4 * iterations["km_mean"])
+    assert updates["censored_share"] == iterations["censored_share"]
+
+
+def test_counting_updates_needs_a_consistent_log():
+    log = _log(_hand_made_rows())
+    with pytest.raises(ValueError, match="optimizer_steps"):
+        time_to_correction(log, horizon=16, unit="updates")  # no such column
+    log["optimizer_steps"] = log["iteration"].map(dict(enumerate(STEPS_DONE)))
+    with pytest.raises(ValueError, match="every iteration from 0"):
+        time_to_correction(log[log["iteration"] != 1], horizon=16, unit="updates")
+    uneven = log.assign(optimizer_steps=log["optimizer_steps"].where(log.index != 0, 99))
+    with pytest.raises(ValueError, match="differs within iteration"):
+        time_to_correction(uneven, horizon=16, unit="updates")
 
 
 def test_kaplan_meier_mean_without_censoring_is_the_plain_mean():

@@ -19,6 +19,8 @@ from flows.report import read_inputs
 HELDOUT = [f"HumanEval/{i}" for i in range(24)]
 TRAIN = [f"HumanEval/{i}" for i in range(100, 106)]
 HORIZON = 4
+UPDATES_PER_ITERATION = 2
+HORIZON_UPDATES = HORIZON * UPDATES_PER_ITERATION  # what `train.updates_budget` gives the evaluate and report flows
 # Held-out flags per policy: (tasks passed, tasks hallucinated), as sets of task indices.
 HELDOUT_FLAGS = {
     "base": ({0}, set(range(20))),  # hallucinates on 20 of 24: CosmoCore's drop from it must be detectable
@@ -44,7 +46,7 @@ def _training_log(policy: str, rng: np.random.Generator) -> pd.DataFrame:
     """Two samples per training task and iteration; CosmoCore fails less often as training goes on."""
     fail = 0.3 if policy.startswith("cosmocore") else 0.6
     rows = [{"iteration": i, "task_id": t, "outcome": "runtime_error" if rng.random() < fail else "passed",
-             "hallucinated": bool(rng.random() < fail / 2), "optimizer_steps": 2 * (i + 1)}
+             "hallucinated": bool(rng.random() < fail / 2), "optimizer_steps": UPDATES_PER_ITERATION * (i + 1)}
             for i in range(HORIZON) for t in TRAIN for _ in range(2)]
     return pd.DataFrame(rows)
 
@@ -62,6 +64,7 @@ def _write_policy(root: Path, policy: str, rng: np.random.Generator) -> None:
         run.mkdir(parents=True)
         log.to_parquet(run / "samples_log.parquet", index=False)
         metrics |= {f"ttc_{k}": v for k, v in time_to_correction(log, HORIZON).items()}
+        metrics["ttc_updates_km_mean"] = time_to_correction(log, HORIZON_UPDATES, unit="updates")["km_mean"]
         pd.DataFrame({"iteration": range(HORIZON), "train_hallucination_rate": [0.4, 0.3, 0.2, 0.1],
                       "train_pass_rate": [0.2, 0.3, 0.4, 0.5], "train_reward": [-0.2, 0.0, 0.1, 0.3],
                       "gate_dream_share": [0.3, 0.2, 0.2, 0.1], "gate_regular_share": [0.5, 0.5, 0.4, 0.4],
@@ -81,7 +84,8 @@ def made(tmp_path_factory):
     rng = np.random.default_rng(7)
     for policy in HELDOUT_FLAGS:
         _write_policy(root, policy, rng)
-    inputs = read_inputs("smoke", list(HELDOUT_FLAGS), HORIZON, True, root / "metrics" / "eval", root / "eval", root / "runs")
+    inputs = read_inputs("smoke", list(HELDOUT_FLAGS), HORIZON, True, root / "metrics" / "eval", root / "eval", root / "runs",
+                         horizon_updates=HORIZON_UPDATES)
     markdown, numbers = build_report(inputs, root / "report")
     return root, inputs, markdown, numbers
 
@@ -108,8 +112,9 @@ def test_report_states_the_metrics_files_numbers(made):
         assert row["hallucination_rate"]["value"] == pytest.approx(stated["greedy_hallucination_rate"])
         cells = [row[m]["value"] for m in ("pass_at_1", "hallucination_rate")]
         if policy != "base":
-            assert row["ttc_km_mean"]["value"] == pytest.approx(stated["ttc_km_mean"])
-            cells.append(row["ttc_km_mean"]["value"])
+            for key in ("ttc_km_mean", "ttc_updates_km_mean"):
+                assert row[key]["value"] == pytest.approx(stated[key])
+                cells.append(row[key]["value"])
         line = next(line for line in markdown.splitlines() if line.startswith(f"| {policy} |"))
         assert all(fmt(value) in line for value in cells)
 
@@ -163,6 +168,25 @@ def test_a_detectable_drop_is_worded_as_one(made):
     assert ttc["mde"] > 0 and fmt(ttc["mde"]) in ttc["sentence"]
 
 
+def test_time_to_correction_in_updates_is_compared_and_plotted(made):
+    _, _, markdown, numbers = made
+    iterations, updates = _comparison(numbers, "on_policy", "ttc_km_mean"), _comparison(numbers, "on_policy", "ttc_updates_km_mean")
+    # Every iteration makes the same number of updates here, so updates are that many times iterations.
+    for key in ("treatment_value", "control_value"):
+        assert updates[key] == pytest.approx(UPDATES_PER_ITERATION * iterations[key])
+    assert "time to correction (Kaplan-Meier mean, optimizer updates)" in updates["sentence"] and updates["sentence"] in markdown
+    assert f"at most {HORIZON_UPDATES} optimizer updates" in markdown and numbers["horizon_updates"] == HORIZON_UPDATES
+    assert "TTC KM mean, optimizer updates [95% CI]" in markdown
+
+
+def test_without_an_update_horizon_ttc_is_reported_in_iterations_only(made, tmp_path):
+    _, inputs, _, _ = made
+    markdown, numbers = build_report(type(inputs)(**{**inputs.__dict__, "horizon_updates": None}), tmp_path)
+    assert not any(c["metric"] == "ttc_updates_km_mean" for c in numbers["comparisons"])
+    assert "TTC KM mean, optimizer updates" not in markdown and "Kaplan-Meier mean, optimizer updates" not in markdown
+    assert "ttc_updates_km_mean" not in numbers["policies"]["cosmocore-s0"]
+
+
 def test_plots_exist(made):
     root, _, markdown, numbers = made
     assert set(numbers["plots"]) == {"heldout.png", "learning_curves.png", "buffer_composition.png", "affect_scatter.png"}
@@ -176,6 +200,9 @@ def test_stale_metrics_file_is_refused(made, tmp_path):
     stale = dict(inputs.eval_metrics, base={**inputs.eval_metrics["base"], "greedy_pass_at_1": 0.5})
     with pytest.raises(ValueError, match="out of date"):
         build_report(type(inputs)(**{**inputs.__dict__, "eval_metrics": stale}), tmp_path)
+    stale = dict(inputs.eval_metrics, **{"on_policy-s0": {**inputs.eval_metrics["on_policy-s0"], "ttc_updates_km_mean": 99.0}})
+    with pytest.raises(ValueError, match="ttc_updates_km_mean"):
+        build_report(type(inputs)(**{**inputs.__dict__, "eval_metrics": stale}), tmp_path)
 
 
 def test_a_variant_with_several_seeds_is_reported_as_their_mean(tmp_path):
@@ -183,7 +210,8 @@ def test_a_variant_with_several_seeds_is_reported_as_their_mean(tmp_path):
     policies = [*HELDOUT_FLAGS, *SECOND_SEED]
     for policy in policies:
         _write_policy(tmp_path, policy, rng)
-    inputs = read_inputs("smoke", policies, HORIZON, True, tmp_path / "metrics" / "eval", tmp_path / "eval", tmp_path / "runs")
+    inputs = read_inputs("smoke", policies, HORIZON, True, tmp_path / "metrics" / "eval", tmp_path / "eval", tmp_path / "runs",
+                         horizon_updates=HORIZON_UPDATES)
     markdown, numbers = build_report(inputs, tmp_path / "report")
     seeds = [numbers["policies"][p]["hallucination_rate"]["value"] for p in ("cosmocore-s0", "cosmocore-s1")]
     mean = numbers["variants"]["cosmocore"]["hallucination_rate"]
