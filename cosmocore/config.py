@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from cosmocore.errors import CosmoCoreError
 
@@ -50,9 +50,16 @@ class StudyConfig(Section):
     seeds: list[NonNegativeInt] = Field(min_length=1)
 
 
+Benchmark = Literal["humaneval", "bigcodebench"]
+
+
 class DataConfig(Section):
     humaneval: bool
     bigcodebench: bool
+    # Cross-benchmark: the benchmarks whose training split is trained on, and those whose held-out split
+    # is evaluated on (empty: every enabled benchmark).
+    train_benchmarks: list[Benchmark]
+    eval_benchmarks: list[Benchmark]
     bigcodebench_path: str
     bigcodebench_hub_id: str
     bigcodebench_hub_split: str
@@ -63,6 +70,15 @@ class DataConfig(Section):
     max_train_tasks: NonNegativeInt
     max_eval_tasks: NonNegativeInt
     max_invalid_fraction: Fraction
+
+    @field_validator("train_benchmarks", "eval_benchmarks")
+    @classmethod
+    def _chosen_are_enabled(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        disabled = [name for name in value if info.data.get(name) is False]
+        if disabled:
+            raise ValueError(f"chooses {disabled[0]}, which 'data.{disabled[0]}: false' disables: enable it, "
+                             "or leave it out of the list")
+        return value
 
 
 class SandboxConfig(Section):

@@ -3,7 +3,9 @@ eval by a hash of (seed, task id), cap each split, validate the task tables and 
 reference solution, and write `train.jsonl` / `eval.jsonl`.
 
 The split is by hash, never by position, so adding, removing or re-ordering tasks in a source never
-moves a task from one side to the other: training never sees an evaluation task.
+moves a task from one side to the other: training never sees an evaluation task. Cross-benchmark runs
+(`data.train_benchmarks`, `data.eval_benchmarks`) take the training split of some benchmarks and the
+held-out split of others; every benchmark is split all the same.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ import sys
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
-from cosmocore.config import DataConfig, SandboxConfig
+from cosmocore.config import Benchmark, DataConfig, SandboxConfig
 from cosmocore.errors import CosmoCoreError
 from cosmocore.records import Task, write_tasks
 
@@ -76,14 +78,15 @@ def _humaneval_task(problem: dict[str, Any]) -> Task:
 # ------------------------------------------------------------------------------------- BigCodeBench
 
 
-def how_to_provide_bigcodebench(cfg: DataConfig) -> str:
-    """The one place that tells a user how to make BigCodeBench available."""
+def how_to_provide_bigcodebench(cfg: DataConfig, go_on_without: bool = True) -> str:
+    """The one place that tells a user how to make BigCodeBench available (and how to do without it)."""
     return (
         "provide BigCodeBench in one of three ways: set `data.bigcodebench_path` in params.yaml to a "
         f"local BigCodeBench .jsonl or .jsonl.gz file; or set the environment variable {ENV_BIGCODEBENCH} "
         "to such a file (or a folder holding exactly one); or give this machine network access to the "
-        f"Hugging Face hub dataset `{cfg.bigcodebench_hub_id}` (split `{cfg.bigcodebench_hub_split}`). "
-        "To go on without it, set `data.allow_missing_bigcodebench: true` or `data.bigcodebench: false`."
+        f"Hugging Face hub dataset `{cfg.bigcodebench_hub_id}` (split `{cfg.bigcodebench_hub_split}`)."
+        + (" To go on without it, set `data.allow_missing_bigcodebench: true` or `data.bigcodebench: false`."
+           if go_on_without else "")
     )
 
 
@@ -271,14 +274,26 @@ def cap(tasks: list[Task], n: int, seed: int) -> list[Task]:
 def prepare(cfg: DataConfig, sandbox_cfg: SandboxConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
     """Load, split, cap, validate and write the task tables; return the summary the flow records.
 
-    Invalid tasks (schema failures, or a reference solution that fails its own tests) are dropped and
-    listed by id; the stage fails when more than `cfg.max_invalid_fraction` of a benchmark is invalid,
-    because then the benchmark or the sandbox, not a few tasks, is broken.
+    Only the chosen benchmarks' sides are kept (`chosen_benchmarks`): the training split of those in
+    `train_benchmarks`, the held-out split of those in `eval_benchmarks`. Invalid tasks (schema
+    failures, or a reference solution that fails its own tests) are dropped and listed by id; the stage
+    fails when more than `cfg.max_invalid_fraction` of a benchmark's kept tasks is invalid, because then
+    the benchmark or the sandbox, not a few tasks, is broken. The summary says which benchmarks fed
+    which table and, per benchmark, how many tasks were kept, invalid, and written to each table.
     """
     from cosmocore.validation import check_reference_solutions, raise_for_failures, validate_tasks
 
-    loaded, summary = _load_enabled(cfg)
-    splits = {name: _split_and_cap(tasks, cfg) for name, tasks in loaded.items()}
+    chosen = chosen_benchmarks(cfg)
+    loaded, summary = _load_enabled(cfg, set(chosen["train"]) | set(chosen["eval"]))
+    roles = {role: [name for name in names if name in loaded] for role, names in chosen.items()}
+    for role, names in roles.items():
+        if not names:
+            raise _nothing_for(role, chosen[role], cfg)
+    summary["train_benchmarks"], summary["eval_benchmarks"] = roles["train"], roles["eval"]
+    splits = {}
+    for name, tasks in loaded.items():
+        train, held_out = _split_and_cap(tasks, cfg)
+        splits[name] = (train if name in roles["train"] else [], held_out if name in roles["eval"] else [])
     selected = [task for train, held_out in splits.values() for task in train + held_out]
     if not selected:
         raise ValueError("prepare: no tasks selected; enable `data.humaneval` or `data.bigcodebench` in params.yaml")
@@ -314,12 +329,40 @@ def prepare(cfg: DataConfig, sandbox_cfg: SandboxConfig, out_dir: str | os.PathL
     return summary
 
 
-def _load_enabled(cfg: DataConfig) -> tuple[dict[str, list[Task]], dict[str, Any]]:
+def chosen_benchmarks(cfg: DataConfig) -> dict[str, list[str]]:
+    """{"train": benchmarks whose training split is trained on, "eval": those whose held-out split is
+    evaluated on}: `data.train_benchmarks` / `data.eval_benchmarks`, or every enabled benchmark when
+    the list is empty. The config refuses a chosen benchmark that is disabled."""
+    enabled = [name for name in get_args(Benchmark) if getattr(cfg, name)]
+    return {"train": list(dict.fromkeys(cfg.train_benchmarks)) or enabled,
+            "eval": list(dict.fromkeys(cfg.eval_benchmarks)) or enabled}
+
+
+def _nothing_for(role: str, chosen: list[str], cfg: DataConfig) -> CosmoCoreError:
+    """The error for a role (train or eval) left without a benchmark: none enabled, or the chosen one missing."""
+    key, verb = f"data.{role}_benchmarks", "train" if role == "train" else "evaluate"
+    if not chosen:
+        return DatasetUnavailable(f"prepare: no benchmark is enabled, so there is nothing to {verb} on: "
+                                  "set data.humaneval or data.bigcodebench to true in params.yaml")
+    if getattr(cfg, f"{role}_benchmarks"):
+        said = f"{key} chooses {', '.join(chosen)}"
+    else:
+        said = f"{key} is empty, so it takes every enabled benchmark ({', '.join(chosen)})"
+    return DatasetUnavailable(
+        f"prepare: {said}, but BigCodeBench could not be found (the warning above says why), so there is "
+        f"nothing to {verb} on; data.allow_missing_bigcodebench lets prepare go on without BigCodeBench only "
+        f"while another chosen benchmark remains. Add one to {key}, or "
+        + how_to_provide_bigcodebench(cfg, go_on_without=False)
+    )
+
+
+def _load_enabled(cfg: DataConfig, needed: set[str]) -> tuple[dict[str, list[Task]], dict[str, Any]]:
+    """The chosen benchmarks' tasks (`needed`), BigCodeBench left out when missing and allowed to be."""
     loaded: dict[str, list[Task]] = {}
     summary: dict[str, Any] = {}
-    if cfg.humaneval:
+    if "humaneval" in needed:
         loaded["humaneval"] = load_humaneval()
-    if cfg.bigcodebench:
+    if "bigcodebench" in needed:
         try:
             loaded["bigcodebench"], summary["bigcodebench_filter"] = load_bigcodebench(cfg)
             log.info("BigCodeBench: %s", summary["bigcodebench_filter"])

@@ -15,6 +15,7 @@ over per-task values (or per-task differences).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,6 +145,13 @@ def per_task_heldout(samples: pd.DataFrame) -> pd.DataFrame:
         HALLUCINATION.key: samples["hallucinated"].astype(float),
     })
     return flags.groupby("task_id").mean().sort_index()
+
+
+def benchmark_counts(task_ids: Sequence[str]) -> dict[str, int]:
+    """Tasks per benchmark, named as their ids begin (`HumanEval/0`, `BigCodeBench/12`): with
+    `data.train_benchmarks` / `data.eval_benchmarks` training and held-out tasks may come from
+    different benchmarks, and the report says so."""
+    return dict(Counter(str(task_id).split("/")[0] for task_id in task_ids))
 
 
 def ttc_pairs_by_task(log: pd.DataFrame, unit: TTCUnit = "iterations") -> PairsByTask:
@@ -505,6 +513,7 @@ def build_report(inputs: ReportInputs, out_dir: Path) -> tuple[str, dict]:
     numbers = {
         "profile": inputs.profile, "decoding": inputs.decoding, "heldout_tasks": len(tasks),
         "train_tasks": len(train_tasks), "horizon": inputs.horizon, "horizon_updates": inputs.horizon_updates,
+        "heldout_benchmarks": benchmark_counts(tasks), "train_benchmarks": benchmark_counts(train_tasks),
         "policies": {p: _policy_numbers(inputs, p, heldout[p], _ttc_of(ttc, p)) for p in heldout},
         "variants": {v: _variant_numbers(ps, variant_heldout[v], _ttc_of(variant_ttc, v)) for v, ps in groups.items()},
         "comparisons": [c.as_dict() for c in found],
@@ -543,10 +552,17 @@ def render(numbers: dict, multi_seed: dict[str, list[str]]) -> str:
     method = numbers["method"]
     in_updates = numbers["horizon_updates"] is not None
     budget = f" (at most {numbers['horizon_updates']} optimizer updates)" if in_updates else ""
+    heldout_from, train_from = numbers["heldout_benchmarks"], numbers["train_benchmarks"]
+    heldout_part = f"{_counts(heldout_from)}; " if heldout_from else ""
+    train_part = f" ({_counts(train_from)})" if train_from else ""
     lines = [f"# CosmoCore report (profile `{numbers['profile']}`)", "",
-             f"Held-out tasks: {numbers['heldout_tasks']} ({numbers['decoding']} decoding). Training: {numbers['horizon']} "
-             f"iterations{budget} on {numbers['train_tasks']} tasks. Variants: {', '.join(variants)}; seeds: {', '.join(map(str, seeds))}.", "",
-             "## Claims", ""]
+             f"Held-out tasks: {numbers['heldout_tasks']} ({heldout_part}{numbers['decoding']} decoding). Training: "
+             f"{numbers['horizon']} iterations{budget} on {numbers['train_tasks']} tasks{train_part}. "
+             f"Variants: {', '.join(variants)}; seeds: {', '.join(map(str, seeds))}."]
+    if train_from and set(train_from) != set(heldout_from):
+        lines.append(f"Cross-benchmark: trained on {', '.join(train_from)}, evaluated on {', '.join(heldout_from)} "
+                     "(each benchmark split by task id hash, so no held-out task was trained on).")
+    lines += ["", "## Claims", ""]
     lines += [f"- {c['sentence']}" for c in numbers["comparisons"]] or [f"- No `{TREATMENT}` run in this study: nothing to compare."]
     lines += ["", "## Held-out metrics", "",
               "Point estimates with 95% percentile-bootstrap intervals over tasks"
@@ -574,6 +590,11 @@ def render(numbers: dict, multi_seed: dict[str, list[str]]) -> str:
                      "alike, so a variant that makes fewer updates (on-policy) is not judged on a shorter horizon.")
     lines.append("")
     return "\n".join(lines)
+
+
+def _counts(per_benchmark: dict[str, int]) -> str:
+    """`HumanEval 12, BigCodeBench 4`."""
+    return ", ".join(f"{name} {count}" for name, count in per_benchmark.items())
 
 
 def _execution_table(found: dict[str, dict[str, float]]) -> list[str]:

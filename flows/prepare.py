@@ -25,9 +25,13 @@ def prepare_flow(out_dir: str = str(OUT)) -> dict:
         summary = prepare(data_cfg, load_section(CONFIG_DIR, SandboxConfig), out_dir)
         write_json(Path(out_dir) / "summary.json", summary)
         tracker.log_params(data_cfg.model_dump())
-        tracker.log_metrics({"train_tasks": summary["train"], "eval_tasks": summary["eval"], "invalid_tasks": len(summary["invalid"])})
+        tracker.log_metrics({"train_tasks": summary["train"], "eval_tasks": summary["eval"], "invalid_tasks": len(summary["invalid"]),
+                             "benchmarks": summary["benchmarks"]})
         tracker.log_artifact(Path(out_dir) / "summary.json")
-    print(f"prepare: {summary['train']} train / {summary['eval']} eval tasks, {len(summary['invalid'])} invalid dropped")
+    per_benchmark = {role: ", ".join(f"{name} {summary['benchmarks'][name][role]}" for name in summary[f"{role}_benchmarks"])
+                     for role in ("train", "eval")}
+    print(f"prepare: {summary['train']} train ({per_benchmark['train']}) / {summary['eval']} eval ({per_benchmark['eval']}) "
+          f"tasks, {len(summary['invalid'])} invalid dropped")
     return summary
 
 

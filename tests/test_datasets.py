@@ -165,3 +165,69 @@ def test_evaluation_refuses_a_task_of_the_training_split():
     guard_split({"HumanEval/1", "HumanEval/2"}, {"HumanEval/3"})  # disjoint: fine
     with pytest.raises(SplitLeak, match="HumanEval/2"):
         guard_split({"HumanEval/1", "HumanEval/2"}, {"HumanEval/2", "HumanEval/3"})
+
+
+@pytest.mark.parametrize("trained, evaluated", [("humaneval", "bigcodebench"), ("bigcodebench", "humaneval")])
+def test_cross_benchmark_trains_on_one_split_and_evaluates_on_the_others_held_out_split(
+    tmp_path, bcb_file, monkeypatch, trained, evaluated
+):
+    from cosmocore import validation
+
+    monkeypatch.delenv(ds.ENV_BIGCODEBENCH, raising=False)
+    monkeypatch.setattr(validation, "check_reference_solutions", lambda tasks, cfg: {})
+    sandbox_cfg = load_params(ROOT / "params.yaml").sandbox
+    both = data_cfg(bigcodebench_path=str(bcb_file), max_train_tasks=3, max_eval_tasks=4)
+    ds.prepare(both, sandbox_cfg, tmp_path / "both")
+    cross = both.model_copy(update={"train_benchmarks": [trained], "eval_benchmarks": [evaluated]})
+    summary = ds.prepare(cross, sandbox_cfg, tmp_path / "cross")
+
+    train, held_out = read_tasks(tmp_path / "cross" / "train.jsonl"), read_tasks(tmp_path / "cross" / "eval.jsonl")
+    assert {t.benchmark for t in train} == {trained} and {t.benchmark for t in held_out} == {evaluated}
+    # The same hash split: each side is exactly that benchmark's side of the run that uses both.
+    both_train, both_eval = read_tasks(tmp_path / "both" / "train.jsonl"), read_tasks(tmp_path / "both" / "eval.jsonl")
+    assert train == [t for t in both_train if t.benchmark == trained]
+    assert held_out == [t for t in both_eval if t.benchmark == evaluated]
+    loaded = {"humaneval": ds.load_humaneval(), "bigcodebench": ds.load_bigcodebench(cross)[0]}
+    assert {t.task_id for t in held_out} <= {t.task_id for t in ds.split_tasks(loaded[evaluated], 0.5, 0)[1]}
+    ds.guard_split({t.task_id for t in held_out}, {t.task_id for t in train})
+    assert summary["train_benchmarks"] == [trained] and summary["eval_benchmarks"] == [evaluated]
+    assert summary["benchmarks"] == {
+        trained: {"selected": 3, "invalid": 0, "train": 3, "eval": 0},
+        evaluated: {"selected": 4, "invalid": 0, "train": 0, "eval": 4},
+    }
+    assert summary["train"] == 3 and summary["eval"] == 4
+
+
+def test_a_missing_benchmark_chosen_alone_for_a_side_fails_saying_how_to_provide_it(tmp_path, offline_hub, monkeypatch):
+    from cosmocore import validation
+
+    monkeypatch.setattr(validation, "check_reference_solutions", lambda tasks, cfg: {})
+    sandbox_cfg = load_params(ROOT / "params.yaml").sandbox
+    cross = data_cfg(bigcodebench_path="", train_benchmarks=["humaneval"], eval_benchmarks=["bigcodebench"])
+    with pytest.raises(ds.DatasetUnavailable) as caught:
+        ds.prepare(cross, sandbox_cfg, tmp_path)
+    message = str(caught.value)
+    assert "data.eval_benchmarks chooses bigcodebench" in message and "nothing to evaluate on" in message
+    assert ds.ENV_BIGCODEBENCH in message and not (tmp_path / "eval.jsonl").exists()
+    # Another chosen benchmark remains on that side: go on without BigCodeBench, as allowed.
+    summary = ds.prepare(data_cfg(bigcodebench_path="", max_train_tasks=2, max_eval_tasks=2,
+                                  train_benchmarks=["humaneval", "bigcodebench"], eval_benchmarks=["humaneval"]),
+                         sandbox_cfg, tmp_path)
+    assert summary["train_benchmarks"] == summary["eval_benchmarks"] == ["humaneval"] and "bigcodebench_missing" in summary
+
+
+def test_choosing_a_disabled_benchmark_fails_naming_the_key():
+    import yaml
+
+    from cosmocore.config import ConfigError, resolve_params
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert raw["data"]["train_benchmarks"] == raw["data"]["eval_benchmarks"] == []  # default: every enabled benchmark
+    raw["data"] |= {"bigcodebench": False, "eval_benchmarks": ["bigcodebench"]}
+    with pytest.raises(ConfigError, match=r"'data\.eval_benchmarks': .*data\.bigcodebench: false"):
+        resolve_params(raw)
+    raw["data"] |= {"eval_benchmarks": ["mbpp"]}
+    with pytest.raises(ConfigError, match=r"'data\.eval_benchmarks"):
+        resolve_params(raw)
+    raw["data"] |= {"eval_benchmarks": [], "train_benchmarks": ["humaneval"]}
+    assert ds.chosen_benchmarks(resolve_params(raw).data) == {"train": ["humaneval"], "eval": ["humaneval"]}

@@ -13,7 +13,7 @@ import pytest
 
 from cosmocore.metrics import bootstrap_ci, minimum_detectable_effect, time_to_correction
 from cosmocore.records import Trajectory, write_trajectories
-from cosmocore.report import TTC, Comparison, Estimate, build_report, fmt, split_policy
+from cosmocore.report import TTC, Comparison, Estimate, build_report, fmt, render, split_policy
 from flows.report import read_inputs
 
 HELDOUT = [f"HumanEval/{i}" for i in range(24)]
@@ -177,6 +177,15 @@ def test_time_to_correction_in_updates_is_compared_and_plotted(made):
     assert "time to correction (Kaplan-Meier mean, optimizer updates)" in updates["sentence"] and updates["sentence"] in markdown
     assert f"at most {HORIZON_UPDATES} optimizer updates" in markdown and numbers["horizon_updates"] == HORIZON_UPDATES
     assert "TTC KM mean, optimizer updates [95% CI]" in markdown
+
+
+def test_the_report_says_which_benchmarks_the_tasks_come_from(made):
+    _, _, markdown, numbers = made
+    assert numbers["heldout_benchmarks"] == {"HumanEval": len(HELDOUT)} and numbers["train_benchmarks"] == {"HumanEval": len(TRAIN)}
+    assert f"Held-out tasks: {len(HELDOUT)} (HumanEval {len(HELDOUT)}; greedy decoding)" in markdown
+    assert f"on {len(TRAIN)} tasks (HumanEval {len(TRAIN)})" in markdown and "Cross-benchmark" not in markdown
+    cross = render({**numbers, "heldout_benchmarks": {"BigCodeBench": len(HELDOUT)}}, {})
+    assert "Cross-benchmark: trained on HumanEval, evaluated on BigCodeBench" in cross
 
 
 def test_without_an_update_horizon_ttc_is_reported_in_iterations_only(made, tmp_path):
