@@ -1,4 +1,4 @@
-"""One iteration of the CosmoCore loop after rollout: tag → gate → nocturnal train.
+"""One iteration of the CosmoCore loop after rollout: (CodeRL+ align →) tag → gate → nocturnal train.
 
 Each step is a plain function over a `LoopState` (what must survive a restart besides the policy and
 the buffer), so the Prefect training flow only chains them and checkpoints between iterations.
@@ -12,9 +12,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cosmocore.affect import AffectTagger, affect_targets, predict, train_tagger, update_task_stats
+from cosmocore.alignment import answer, build_alignment_tasks, pick_for_share
 from cosmocore.buffer import ReplayBuffer
-from cosmocore.config import AffectConfig, TrainConfig
-from cosmocore.records import Trajectory
+from cosmocore.config import AffectConfig, AlignmentConfig, RolloutConfig, TrainConfig
+from cosmocore.mixing import KindMix
+from cosmocore.records import Task, Trajectory
+from cosmocore.rollout import RunIds
+from cosmocore.sandbox import Sandbox
 from cosmocore.trainer import Learner
 
 ON_POLICY_VARIANTS = ("on_policy", "coderl_plus")
@@ -42,6 +46,20 @@ def rollout_metrics(trajectories: list[Trajectory]) -> dict:
         "train_no_code_rate": sum(t.outcome == "no_code" for t in code) / n,
         "samples": len(trajectories),
     }
+
+
+def align(model, tokenizer, tasks: list[Task], trajectories: list[Trajectory], sandbox: Sandbox, cfg: AlignmentConfig,
+          rollout_cfg: RolloutConfig, style: str, ids: RunIds) -> tuple[list[Trajectory], dict]:
+    """CodeRL+: questions about what this iteration's programs compute, answered by the policy, as many
+    as make the answers `cfg.share` of the iteration's samples (fewer when fewer could be built)."""
+    seed = ids.seed * 10_000 + ids.iteration
+    built, stats = build_alignment_tasks(trajectories, {t.task_id: t for t in tasks}, sandbox, cfg, seed, style)
+    chosen = pick_for_share(built, len(trajectories), cfg, seed)
+    answers = answer(model, tokenizer, chosen, rollout_cfg, cfg, style, ids, seed=seed)
+    metrics = {f"align_{k}": v for k, v in stats.items()}
+    metrics["align_reward"] = sum(t.reward for t in answers) / max(1, len(answers))
+    metrics["iteration_alignment_share"] = len(answers) / max(1, len(answers) + len(trajectories))
+    return answers, metrics
 
 
 def tag(trajectories: list[Trajectory], state: LoopState, cfg: AffectConfig, seed: int) -> tuple[AffectTagger, dict]:
@@ -80,8 +98,9 @@ def gate(buffer: ReplayBuffer, trajectories: list[Trajectory]) -> dict:
     return {f"gate_{k}": v for k, v in stats.items() if isinstance(v, (int, float))}
 
 
-def nocturnal(learner: Learner, buffer: ReplayBuffer, variant: str, cfg: TrainConfig, iteration: int) -> dict:
-    """The off-policy training phase: minibatches from the buffer, priorities updated with TD errors."""
+def nocturnal(learner: Learner, buffer: ReplayBuffer | KindMix, variant: str, cfg: TrainConfig, iteration: int) -> dict:
+    """The off-policy training phase: minibatches from the buffer, priorities updated with TD errors.
+    A CodeRL+ buffer (`KindMix`) serves alignment entries at `alignment.share` of every minibatch."""
     updates = cfg.updates_per_iteration
     if variant in ON_POLICY_VARIANTS:  # each sample used once
         updates = min(updates, math.ceil(len(buffer) / cfg.minibatch_size))

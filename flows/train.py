@@ -19,10 +19,9 @@ import pandas as pd
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from cosmocore.alignment import answer, build_alignment_tasks, pick_for_share
-from cosmocore.buffer import ReplayBuffer
 from cosmocore.config import load_config
-from cosmocore.loop import LoopState, gate, nocturnal, rollout_metrics, tag
+from cosmocore.loop import LoopState, align, gate, nocturnal, rollout_metrics, tag
+from cosmocore.mixing import ALIGNMENT_VARIANTS, load_buffer, make_buffer
 from cosmocore.models import load_policy
 from cosmocore.prompts import resolve_style
 from cosmocore.records import read_tasks, trajectories_to_frame, write_trajectories
@@ -34,7 +33,6 @@ from flows.common import CONFIG_DIR, file_digest, run_main, write_json
 from flows.tracking import Tracker
 
 TRAINING_SECTIONS = ("model", "rollout", "reward", "affect", "buffer", "train", "sandbox", "alignment")
-ALIGNMENT_VARIANTS = ("coderl_plus", "cosmocore_coderl_plus")
 
 
 @task(cache_policy=NO_CACHE)
@@ -47,14 +45,7 @@ def rollout_task(policy, tokenizer, tasks, sandbox, cfg, style, ids: RunIds):
 @task(cache_policy=NO_CACHE)
 def align_task(policy, tokenizer, tasks, trajectories, sandbox, cfg, style, ids: RunIds):
     """CodeRL+: questions about what this iteration's programs compute, answered by the policy."""
-    seed = ids.seed * 10_000 + ids.iteration
-    built, stats = build_alignment_tasks(trajectories, {t.task_id: t for t in tasks}, sandbox, cfg.alignment, seed, style)
-    chosen = pick_for_share(built, len(trajectories), cfg.alignment, seed)
-    answers = answer(policy, tokenizer, chosen, cfg.rollout, cfg.alignment, style, ids, seed=seed)
-    metrics = {f"align_{k}": v for k, v in stats.items()}
-    metrics["align_reward"] = sum(t.reward for t in answers) / max(1, len(answers))
-    metrics["iteration_alignment_share"] = len(answers) / max(1, len(answers) + len(trajectories))
-    return answers, metrics
+    return align(policy, tokenizer, tasks, trajectories, sandbox, cfg.alignment, cfg.rollout, style, ids)
 
 
 @task(cache_policy=NO_CACHE)
@@ -108,11 +99,11 @@ def train_flow(variant: str, seed: int, tasks_path: str = "data/prepared/train.j
     policy, tokenizer = load_policy(model_dir, cfg.model)
     style = resolve_style(cfg.model.prompt_style, tokenizer)
     learner = build_learner(policy, cfg.train, tokenizer.pad_token_id, cfg.rollout.temperature, seed=seed)
-    buffer, state = ReplayBuffer(cfg.buffer, variant, seed), LoopState()
+    buffer, state = make_buffer(cfg.buffer, variant, seed, cfg.alignment.share), LoopState()
     checkpoint = _latest_checkpoint(state_dir)
     if checkpoint is not None:
         state = LoopState(**load_checkpoint(learner, checkpoint)["loop"])
-        buffer = ReplayBuffer.load(checkpoint / "buffer.pt", cfg.buffer)
+        buffer = load_buffer(checkpoint / "buffer.pt", cfg.buffer, variant, cfg.alignment.share)
         print(f"{key}: resuming after iteration {state.iteration - 1} from {checkpoint}")
 
     tracker = Tracker(CONFIG_DIR, cfg.tracking, "train", cfg.profile, tags={"variant": variant, "seed": seed})
