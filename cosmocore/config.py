@@ -213,7 +213,7 @@ class EvalConfig(Section):
 class AlignmentConfig(Section):
     """CodeRL+ execution-semantics alignment: tasks that ask the policy what its own code computes."""
 
-    share: Fraction  # share of each iteration's training samples that are alignment samples
+    share: Fraction  # share of alignment samples among each iteration's samples, and in every nocturnal minibatch
     source: Literal["failed", "all"]  # which executed rollouts feed alignment tasks
     max_variables: NonNegativeInt  # final values of the last N locals the traced function assigned
     max_value_chars: Annotated[int, Field(ge=16)]  # a longer value is cut by the tracer, so it is not asked
