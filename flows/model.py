@@ -32,5 +32,9 @@ def model_flow(out_dir: str = str(OUT)) -> str:
     return str(path)
 
 
-if __name__ == "__main__":
+def main() -> None:
     run_main(model_flow)
+
+
+if __name__ == "__main__":
+    main()

@@ -35,5 +35,9 @@ def prepare_flow(out_dir: str = str(OUT)) -> dict:
     return summary
 
 
-if __name__ == "__main__":
+def main() -> None:
     run_main(prepare_flow)
+
+
+if __name__ == "__main__":
+    main()

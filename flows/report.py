@@ -70,5 +70,9 @@ def report_flow(eval_metrics_root: str = "data/metrics/eval", eval_root: str = "
     return numbers
 
 
-if __name__ == "__main__":
+def main() -> None:
     run_main(report_flow)
+
+
+if __name__ == "__main__":
+    main()

@@ -93,3 +93,9 @@ def test_nothing_reruns_and_a_training_param_touches_only_training_onwards(smoke
     changed = set(json.loads(_run(["dvc", "status", "--json"], repo, env).stdout or "{}"))
     # training (and the report, which states the training budget) is out of date; prepare and model are not
     assert {"train@on_policy-0", "train@cosmocore-0"} <= changed <= {"train@on_policy-0", "train@cosmocore-0", "report"}, changed
+
+
+def test_stage_launcher_names_the_stages_it_knows():
+    result = subprocess.run([sys.executable, "-m", "flows", "no_such_stage"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "usage: python -m flows {prepare,model,train,evaluate,report}" in result.stderr
