@@ -46,6 +46,9 @@ REPR_LIKE = re.compile(r"<.*>|[\w.]+\(.*\)|-?\d{16,}|-?inf|nan", re.DOTALL)
 TRACER_MAX_ITEMS = 64  # sandbox_worker.json_safe keeps this many items of a container, silently
 TRACER_MAX_DEPTH = 3  # ... and writes containers nested deeper than this as repr strings
 FENCED = re.compile(r"```[ \t]*(?:json|JSON)?[ \t]*\n(.*?)```", re.DOTALL)
+# The answer is started for the model: its turn opens with this, so it writes values, not code. Without
+# it SmolLM2-135M answered 0 of 8 questions with JSON (it rewrote the program instead).
+ANSWER_PREFIX = '```json\n{"output": '
 
 
 @dataclass(frozen=True)
@@ -131,13 +134,29 @@ def alignment_prompt(program: str, call: str, variables: Sequence[str] = ()) -> 
 
 def alignment_chat_prompt(tokenizer, text: str, style: str) -> str:
     """The model input for a question, like `prompts.build_prompt` for code: the chat template for an
-    instruct model; for a base model, the question followed by an open JSON block to continue."""
+    instruct model, the bare question for a base model; either way followed by `ANSWER_PREFIX`, the
+    start of the JSON answer, for the model to continue."""
     if style == "chat":
         messages = [{"role": "user", "content": text}]
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + ANSWER_PREFIX
     if style == "completion":
-        return text + "\n\n```json\n"
+        return text + "\n\n" + ANSWER_PREFIX
     raise ValueError(f"prompt style must be chat or completion (resolve 'auto' first), got {style!r}")
+
+
+def answer_complete(continuation: str) -> bool:
+    """Whether a continuation of `ANSWER_PREFIX` has closed the answer's JSON object (or its fence):
+    generation can stop there.
+
+    >>> answer_complete('[1, {"a": 2}]'), answer_complete('[1, {"a": 2}]}'), answer_complete('oops\\n```')
+    (False, True, True)
+    """
+    text = ANSWER_PREFIX + continuation
+    try:
+        json.JSONDecoder().raw_decode(text, text.index("{"))
+    except ValueError:
+        return "```" in continuation
+    return True
 
 
 # ----------------------------------------------------------------------------------------- reward
@@ -416,9 +435,10 @@ def answer(model, tokenizer, questions: list[AlignmentTask], rollout_cfg, cfg: A
             jobs += [(question, prompt_ids, s) for s in range(1 if greedy else cfg.samples_per_task)]
     torch.manual_seed(seed)
     trajectories = []
-    drawn = sample(model, tokenizer, [job[1] for job in jobs], sampling, style, greedy, rollout_cfg.temperature, with_scores)
+    drawn = sample(model, tokenizer, [job[1] for job in jobs], sampling, style, greedy, rollout_cfg.temperature, with_scores,
+                   stop=answer_complete)
     for (question, prompt, index), done in zip(jobs, drawn):
-        text = tokenizer.decode(done.ids, skip_special_tokens=True)
+        text = ANSWER_PREFIX + tokenizer.decode(done.ids, skip_special_tokens=True)  # the answer as the model saw it
         reward = question.reward(text)
         trajectories.append(Trajectory(
             trajectory_id=f"{ids.run}/i{ids.iteration}/{question.alignment_id}/{index}",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -210,11 +211,11 @@ def _pad_left(mask: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _stream(model, tokenizer, groups: list[tuple[list[int], int]], cfg: RolloutConfig, style: str, greedy: bool,
-            temperature: float, with_scores: bool, capacity: int):
+            temperature: float, with_scores: bool, capacity: int, stop: Callable[[str], bool] | None = None):
     """The decode loop, with continuous batching. `groups` are (prompt ids, rows): a task's k samples
     share one prompt, which is prefilled once and its KV cache shared by the k rows. Up to `capacity`
-    rows decode together; a row leaves as soon as its program is complete (or at end-of-sequence or
-    `max_new_tokens`), and the next group is prefilled and joins the running batch as soon as there is
+    rows decode together; a row leaves as soon as its program is complete (`prompts.is_complete`, or
+    `stop(text)` when given), at end-of-sequence or at `max_new_tokens`, and the next group is prefilled and joins the running batch as soon as there is
     room for all its rows, so the batch stays full instead of draining. Groups join in the order given
     (sorted by prompt length, so padding stays small).
 
@@ -222,6 +223,7 @@ def _stream(model, tokenizer, groups: list[tuple[list[int], int]], cfg: RolloutC
     computes them (log_softmax(logits / temperature)); the pooled hidden state is the mean of the last
     layer's hidden state at each completion token (the step that feeds the token in), so no second
     scoring pass is needed. Yields (group index, member, Sampled) as rows finish."""
+    complete = stop or (lambda text: is_complete(text, style))
     device = next(model.parameters()).device
     pad_id, eos, pieces = tokenizer.pad_token_id, _eos_ids(model, tokenizer), _Pieces(tokenizer)
     reserve = cfg.max_new_tokens + 1
@@ -268,8 +270,8 @@ def _stream(model, tokenizer, groups: list[tuple[list[int], int]], cfg: RolloutC
                     row.entropy.append(step_ent[pos])
                 row.text += pieces(token)
                 finished = token in eos or len(row.ids) >= cfg.max_new_tokens
-                if not finished and is_complete(row.text, style):  # confirmed on the properly decoded row
-                    finished = is_complete(tokenizer.decode(row.ids, skip_special_tokens=True), style)
+                if not finished and complete(row.text):  # confirmed on the properly decoded row
+                    finished = complete(tokenizer.decode(row.ids, skip_special_tokens=True))
                 done.append(finished)
             if not with_scores and any(done):  # finished rows need no further step
                 yield from ((r.group, r.member, Sampled(r.ids, [], [], [])) for r, d in zip(rows, done) if d)
@@ -319,7 +321,7 @@ def _groups(items: list[tuple[object, list[int]]], capacity: int) -> tuple[list[
 
 
 def _sample_stream(model, tokenizer, items: list[tuple[object, list[int]]], cfg: RolloutConfig, style: str, greedy: bool,
-                   temperature: float, with_scores: bool, capacity: int | None = None):
+                   temperature: float, with_scores: bool, capacity: int | None = None, stop: Callable[[str], bool] | None = None):
     """Yield (key, Sampled) for items (key, prompt ids) as they finish. On an out-of-memory error the
     batch capacity is halved and the unfinished items start again, instead of failing the run."""
     capacity = capacity or cfg.batch_size
@@ -327,7 +329,7 @@ def _sample_stream(model, tokenizer, items: list[tuple[object, list[int]]], cfg:
     while pending:
         groups, keys = _groups(list(pending.items()), capacity)
         try:
-            for group, member, sampled in _stream(model, tokenizer, groups, cfg, style, greedy, temperature, with_scores, capacity):
+            for group, member, sampled in _stream(model, tokenizer, groups, cfg, style, greedy, temperature, with_scores, capacity, stop):
                 key = keys[group][member]
                 del pending[key]
                 yield key, sampled
@@ -341,17 +343,18 @@ def _sample_stream(model, tokenizer, items: list[tuple[object, list[int]]], cfg:
 
 
 def _sample(model, tokenizer, prompts: list[list[int]], cfg: RolloutConfig, style: str, greedy: bool, temperature: float,
-            with_scores: bool, capacity: int | None = None) -> list[Sampled]:
+            with_scores: bool, capacity: int | None = None, stop: Callable[[str], bool] | None = None) -> list[Sampled]:
     """One `Sampled` per prompt, in order (identical prompts are prefilled once)."""
-    done = dict(_sample_stream(model, tokenizer, list(enumerate(prompts)), cfg, style, greedy, temperature, with_scores, capacity))
+    done = dict(_sample_stream(model, tokenizer, list(enumerate(prompts)), cfg, style, greedy, temperature, with_scores, capacity, stop))
     return [done[i] for i in range(len(prompts))]
 
 
 def sample(model, tokenizer, prompts: list[list[int]], cfg: RolloutConfig, style: str, greedy: bool, temperature: float,
-           with_scores: bool = True) -> list[Sampled]:
+           with_scores: bool = True, stop: Callable[[str], bool] | None = None) -> list[Sampled]:
     """`generate` that also returns, per completion, the behaviour log-probs, entropies and pooled hidden
-    state from the decode loop itself (what `policy.score` would compute, without a second pass)."""
-    return _sample(model, tokenizer, prompts, cfg, style, greedy, temperature, with_scores)
+    state from the decode loop itself (what `policy.score` would compute, without a second pass).
+    `stop(text)` replaces the end-of-program rule for completions that are not programs."""
+    return _sample(model, tokenizer, prompts, cfg, style, greedy, temperature, with_scores, stop=stop)
 
 
 def generate(model, tokenizer, prompts: list[list[int]], cfg: RolloutConfig, style: str, greedy: bool, temperature: float) -> list[list[int]]:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import doctest
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from cosmocore import affect
 from cosmocore.affect import (
     AffectTagger,
     LabelsError,
@@ -72,6 +74,10 @@ def test_only_a_confident_routine_sample_is_calm(cfg):
 def test_a_lone_sample_without_tokens_sits_mid_percentile(cfg):
     _, arousal = affect_targets(np.array([0.0]), ["t"], ["no_code"], np.array([np.nan]), {}, {}, cfg)
     assert arousal == pytest.approx([0.5])  # the only outcome so far (rarity 0), the only sample (percentile 0.5)
+
+
+def test_doctest_examples():
+    assert doctest.testmod(affect).failed == 0
 
 
 def test_mismatched_columns_fail(cfg):

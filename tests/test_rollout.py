@@ -109,6 +109,20 @@ def test_sampling_is_seeded(tiny, config):
     assert all(t.behaviour_logprobs == [] and math.isnan(t.mean_entropy) for t in runs[0])
 
 
+def test_a_stop_rule_ends_rows_as_soon_as_it_holds(tiny, config):
+    model, tokenizer = tiny
+    prompts = [tokenizer("def f(x):\n", add_special_tokens=False)["input_ids"]] * 3
+    cfg = config.rollout.model_copy(update={"max_new_tokens": 12})
+    seen = []
+
+    def at_once(text: str) -> bool:
+        seen.append(text)
+        return True
+
+    drawn = engine.sample(model, tokenizer, prompts, cfg, "completion", greedy=True, temperature=1.0, stop=at_once)
+    assert len(seen) >= 3 and [len(s.ids) for s in drawn] == [1, 1, 1]
+
+
 def test_long_prompts_are_truncated_or_skipped_and_counted(tiny, config):
     model, tokenizer = tiny
     long_task = _task(1, "def g(x):\n    \"\"\"" + "word " * 200 + "\"\"\"\n")
@@ -140,9 +154,9 @@ def test_out_of_memory_halves_the_batch(tiny, config, monkeypatch):
     real = engine._stream
     capacities = []
 
-    def flaky(model, tokenizer, groups, cfg, style, greedy, temperature, with_scores, capacity):
+    def flaky(model, tokenizer, groups, cfg, style, greedy, temperature, with_scores, capacity, stop):
         capacities.append(capacity)
-        for n, item in enumerate(real(model, tokenizer, groups, cfg, style, greedy, temperature, with_scores, capacity)):
+        for n, item in enumerate(real(model, tokenizer, groups, cfg, style, greedy, temperature, with_scores, capacity, stop)):
             if capacity > 2 and n == 3:  # out of memory after some samples finished
                 raise torch.OutOfMemoryError("simulated")
             yield item
