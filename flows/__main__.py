@@ -74,6 +74,7 @@ def main() -> None:
         # sent their last logs (exit handlers run last-registered first).
         atexit.register(_stop, server)
         os.environ["PREFECT_API_URL"] = url = f"http://127.0.0.1:{port}/api"  # read when prefect is imported
+        os.environ["PREFECT_UI_URL"] = ""  # it serves no UI: no "View at" links that die with the stage
     module = importlib.import_module(f"flows.{stage}")  # meanwhile the server starts
     if server is not None:
         timeout = float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])  # set in flows/__init__
