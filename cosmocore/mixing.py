@@ -8,7 +8,10 @@ entries from the alignment buffer and the rest from the code buffer, each part b
 rule (`coderl_plus`: in order, the latest batch only; `cosmocore_coderl_plus`: the Dream Queue 80/20
 mix). With fewer alignment entries stored than that, the minibatch takes as many as there are and the
 rest is code; with no code entries, it is all alignment. Nothing is padded: the nocturnal phase logs the
-share it actually served (`batch_alignment_share`).
+share it actually served (`batch_alignment_share`). `coderl_plus` is on-policy, so it serves every
+entry of the latest iteration once: its minibatches hold that iteration's own share of answers, which
+is `share` whenever enough questions could be built (`alignment.pick_for_share`), and less, not
+answers served twice, when too few could.
 
 Importance-sampling weights: the replay's target is `share` × uniform over the alignment entries plus
 (1 − share) × uniform over the code entries (the share is the training mixture the variant asks for,
@@ -124,7 +127,10 @@ class KindMix:
         sizes = {kind: len(part) for kind, part in self.parts.items()}
         if not any(sizes.values()):
             raise ValueError("sample: the buffer is empty; add trajectories before the nocturnal phase")
-        n_alignment = alignment_slots(self.share, batch_size, sizes["alignment"], sizes["code"])
+        share = self.share
+        if self.parts["code"].serving.sampling == "in_order":  # on-policy: the iteration's own mix, each entry once
+            share = sizes["alignment"] / (sizes["alignment"] + sizes["code"])
+        n_alignment = alignment_slots(share, batch_size, sizes["alignment"], sizes["code"])
         slots = {"code": batch_size - n_alignment, "alignment": n_alignment}
         drawn = {kind: self.parts[kind].sample(n, progress) for kind, n in slots.items() if n}
         top = max(batch.max_weight for batch in drawn.values())

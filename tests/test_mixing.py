@@ -57,7 +57,7 @@ def test_only_the_coderl_plus_variants_mix_kinds(cfg):
 @pytest.mark.parametrize("batch_size", [10, 8, 7])
 def test_every_minibatch_holds_the_configured_share(cfg, variant, batch_size):
     buffer = make_buffer(cfg, variant, 0, SHARE)
-    fill(buffer, rows("code", *["dream"] * 6, *["regular"] * 30) + rows("alignment", *["dream"] * 3, *["regular"] * 20))
+    fill(buffer, rows("code", *["dream"] * 6, *["regular"] * 30) + rows("alignment", *["dream"] * 4, *["regular"] * 20))
     wanted = int(np.floor(SHARE * batch_size + 0.5))
     for _ in range(50):
         batch = buffer.sample(batch_size, 0.5)
@@ -92,6 +92,14 @@ def test_coderl_plus_serves_each_kind_in_order_and_keeps_only_the_latest_batch(c
     assert all(np.all(batch.is_weights == 1) and not batch.from_dream.any() for batch in batches)
     fill(buffer, rows("code", "regular", "regular"))  # an iteration without alignment answers
     assert len(buffer.parts["alignment"]) == 0 and len(buffer) == 2  # the stale answers are gone
+
+
+def test_coderl_plus_serves_each_answer_once_when_too_few_were_built(cfg):
+    buffer = make_buffer(cfg, "coderl_plus", 0, SHARE)
+    fill(buffer, rows("code", *["regular"] * 28) + rows("alignment", *["regular"] * 5))  # 5 of 33, not 0.4
+    served = [entry["id"] for _ in range(4) for entry in buffer.sample(8, 0.5).entries]
+    assert len(served) == len(set(served)) == 32  # one pass: nothing twice, though the share falls short
+    assert sum(i >= 28 for i in served) == 4  # one answer per minibatch of 8: the iteration's own 5 / 33
 
 
 def test_cosmocore_coderl_plus_draws_each_kind_by_the_dream_mix(cfg):
