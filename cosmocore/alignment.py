@@ -411,7 +411,8 @@ def pick_for_share(built: list[AlignmentTask], n_code: int, cfg: AlignmentConfig
     falls short and is logged as measured, never padded."""
     if cfg.share <= 0 or not built:
         return []
-    answers = round(cfg.share / (1 - cfg.share) * n_code) if cfg.share < 1 else len(built) * cfg.samples_per_task
+    # halves round up, as the per-minibatch share does (mixing.alignment_slots)
+    answers = math.floor(cfg.share / (1 - cfg.share) * n_code + 0.5) if cfg.share < 1 else len(built) * cfg.samples_per_task
     chosen = list(built)
     random.Random(seed).shuffle(chosen)
     return chosen[: math.ceil(answers / cfg.samples_per_task)]
