@@ -2,7 +2,7 @@
 
 Everything a resumed run needs (checkpoint, buffer, loop state, rollouts) is written per iteration
 under `<run>/state/` (a DVC `persist` output), atomically, so a run killed at any point resumes from
-the last finished iteration with nothing lost or duplicated. A change of config starts afresh.
+the last finished iteration with nothing lost or duplicated. A change of config or code starts afresh.
 
     python -m flows.train --variant cosmocore --seed 0
 """
@@ -19,6 +19,7 @@ import pandas as pd
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+import cosmocore
 from cosmocore.config import load_config
 from cosmocore.loop import LoopState, align, gate, nocturnal, rollout_metrics, tag
 from cosmocore.mixing import ALIGNMENT_VARIANTS, load_buffer, make_buffer
@@ -33,6 +34,7 @@ from flows.common import CONFIG_DIR, file_digest, run_main, write_json
 from flows.tracking import Tracker
 
 TRAINING_SECTIONS = ("model", "rollout", "reward", "affect", "buffer", "train", "sandbox", "alignment")
+TRAINING_CODE = (*sorted(Path(cosmocore.__file__).parent.glob("*.py")), Path(__file__))
 
 
 @task(cache_policy=NO_CACHE)
@@ -72,8 +74,11 @@ def nocturnal_task(learner, buffer, variant, cfg, iteration):
 
 
 def _fingerprint(variant: str, seed: int, tasks_path: Path, model_dir: Path) -> str:
+    """What a saved state was made with: the training config, the tasks, the base model and the code.
+    DVC re-runs this stage when its code changes; without the code here, the run would resume the old
+    code's finished state and train nothing new."""
     sections = [CONFIG_DIR / f"{name}.json" for name in TRAINING_SECTIONS]
-    return f"{variant}-{seed}-" + file_digest(*sections, tasks_path, model_dir / "config.json")
+    return f"{variant}-{seed}-" + file_digest(*sections, tasks_path, model_dir / "config.json", *TRAINING_CODE)
 
 
 def _latest_checkpoint(state_dir: Path) -> Path | None:
@@ -90,7 +95,7 @@ def train_flow(variant: str, seed: int, tasks_path: str = "data/prepared/train.j
     state_dir = run_dir / "state"
     fingerprint = _fingerprint(variant, seed, tasks_path, model_dir)
     if (state_dir / "fingerprint").exists() and (state_dir / "fingerprint").read_text() != fingerprint:
-        print(f"{key}: configuration changed since the saved state; starting afresh")
+        print(f"{key}: configuration or code changed since the saved state; starting afresh")
         shutil.rmtree(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     (state_dir / "fingerprint").write_text(fingerprint)

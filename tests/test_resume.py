@@ -179,7 +179,7 @@ def _kill_and_resume(repo: Path, reference: Path, env: dict, n_tasks: int, unint
     fingerprint = (state_dir / "fingerprint").read_text()
     _kill_when(third, repo / "third.log", lambda: (state_dir / "fingerprint").is_file()
                and (state_dir / "fingerprint").read_text() != fingerprint)
-    assert "configuration changed since the saved state; starting afresh" in (repo / "third.log").read_text()
+    assert "configuration or code changed since the saved state; starting afresh" in (repo / "third.log").read_text()
     assert not list(state_dir.glob("iter_*")), "checkpoints of the old configuration survived"
 
 
@@ -225,3 +225,29 @@ def test_a_save_that_dies_half_way_leaves_the_previous_checkpoint(tmp_path, monk
 
     save_checkpoint(learner, tmp_path / "iter_1", {"loop": {"iteration": 2}})  # the retry replaces the torn save
     assert _latest_checkpoint(tmp_path) == tmp_path / "iter_1" and not (tmp_path / "iter_1.tmp").exists()
+
+
+def test_the_fingerprint_covers_the_training_code(tmp_path, monkeypatch):
+    """DVC re-runs training when its code changes; the run must then start afresh, not resume the state
+    the old code finished (which would train nothing and keep the old results)."""
+    import flows.train as train
+
+    assert {"loop.py", "trainer.py", "mixing.py", "train.py"} <= {path.name for path in train.TRAINING_CODE}
+    monkeypatch.setattr(train, "CONFIG_DIR", tmp_path / "config")
+    for name in train.TRAINING_SECTIONS:
+        (tmp_path / "config").mkdir(exist_ok=True)
+        (tmp_path / "config" / f"{name}.json").write_text("{}")
+    (tmp_path / "tasks.jsonl").write_text("")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    source = tmp_path / "loop.py"
+    source.write_text("STEP = 1\n")
+    monkeypatch.setattr(train, "TRAINING_CODE", (source,))
+
+    def fingerprint() -> str:
+        return train._fingerprint("cosmocore", 0, tmp_path / "tasks.jsonl", tmp_path / "model")
+
+    before = fingerprint()
+    assert fingerprint() == before  # unchanged code: a killed run resumes
+    source.write_text("STEP = 2\n")
+    assert fingerprint() != before
