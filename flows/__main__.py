@@ -11,8 +11,10 @@ first, in its own process, so it comes up while the stage imports; it is stopped
 from __future__ import annotations
 
 import atexit
+import ctypes
 import importlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -21,7 +23,7 @@ import urllib.error
 import urllib.request
 
 STAGES = ("prepare", "model", "train", "evaluate", "report")
-PORT_IN_USE = 3  # uvicorn's exit status when it cannot bind
+PR_SET_PDEATHSIG = 1  # prctl option: the signal a process gets when its parent dies
 
 
 def _free_port() -> int:
@@ -30,11 +32,18 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """In the server's process before it starts (Linux): SIGTERM it when the stage's process dies, even
+    by SIGKILL, which no exit handler sees; elsewhere the exit handler alone stops it."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def _spawn_server(port: int) -> subprocess.Popen:
     env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
     command = [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
                "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"]
-    return subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL)
+    return subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
 
 
 def _wait_until_healthy(server: subprocess.Popen, url: str, timeout: float) -> None:

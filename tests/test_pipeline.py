@@ -101,3 +101,47 @@ def test_stage_launcher_names_the_stages_it_knows():
     result = subprocess.run([sys.executable, "-m", "flows", "no_such_stage"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert "usage: python -m flows {prepare,model,train,evaluate,report}" in result.stderr
+
+
+def _state(pid: int) -> str | None:
+    """The process's state letter (R, S, Z...), None once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_killed_stage_takes_its_prefect_server_with_it(tmp_path):
+    import signal
+    import time
+
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PYTHONPATH": str(REPO)}
+    env.pop("PREFECT_API_URL", None)
+    stage = subprocess.Popen([sys.executable, "-m", "flows", "report"], cwd=tmp_path, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not (servers := _children(stage.pid)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert servers, "the stage started no server"
+        time.sleep(1.0)  # let the server get going
+    finally:
+        stage.send_signal(signal.SIGKILL)  # no exit handler runs
+        stage.wait()
+    deadline = time.monotonic() + 30
+    while any(_state(pid) not in (None, "Z") for pid in servers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert all(_state(pid) in (None, "Z") for pid in servers), "the server outlived its stage"
