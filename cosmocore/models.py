@@ -14,6 +14,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -45,11 +47,34 @@ def embedded_gguf() -> Path:
     return files[0]
 
 
+def tokenizer_cache() -> Path:
+    """Where the embedded tokenizer is kept once read: `COSMOCORE_CACHE`, else ~/.cache/cosmocore."""
+    return Path(os.environ.get("COSMOCORE_CACHE") or Path.home() / ".cache" / "cosmocore") / "tokenizers"
+
+
 def load_embedded_tokenizer():
+    """The embedded model's tokenizer. Reading it from the GGUF takes 5-8 s, so it is read once and kept
+    as a plain tokenizer folder, named after the GGUF file's name, size and modification time."""
     from transformers import AutoTokenizer
 
     gguf = embedded_gguf()
-    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    stat = gguf.stat()
+    cached = tokenizer_cache() / f"{gguf.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+    if cached.is_dir():
+        return AutoTokenizer.from_pretrained(cached)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tmp = None
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=cached.parent)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, cached)  # whole or not at all
+    except OSError as error:  # a read-only home, or a concurrent writer got there first: no harm
+        if not cached.is_dir():
+            log.warning("could not keep the embedded tokenizer in %s: %s", cached, error)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return tokenizer
 
 
 def _convert_embedded(out_dir: Path) -> None:

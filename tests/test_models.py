@@ -46,3 +46,23 @@ def test_cuda_requested_without_cuda_fails_clearly(config, tiny_model_dir):
         pytest.skip("this machine has CUDA: the error under test cannot happen here")
     with pytest.raises(ModelUnavailable, match="CUDA is not available"):
         load_policy(tiny_model_dir, config.model.model_copy(update={"device": "cuda"}))
+
+
+def test_the_embedded_tokenizer_is_read_once_and_kept_the_same(tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from cosmocore.models import load_embedded_tokenizer, tokenizer_cache
+
+    monkeypatch.setenv("COSMOCORE_CACHE", str(tmp_path))
+    first = load_embedded_tokenizer()  # from the GGUF, then kept
+    kept = list(tokenizer_cache().iterdir())
+    assert len(kept) == 1 and kept[0].name.startswith(embedded_gguf().stem)
+    again = load_embedded_tokenizer()  # from the kept folder
+    gguf = embedded_gguf()
+    reference = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    text = "def add(a, b):\n    return a + b  # ünïcode, tabs\t and  spaces\n"
+    messages = [{"role": "user", "content": text}]
+    for tokenizer in (first, again):
+        assert tokenizer(text)["input_ids"] == reference(text)["input_ids"]
+        assert tokenizer.apply_chat_template(messages, tokenize=False) == reference.apply_chat_template(messages, tokenize=False)
+        assert (tokenizer.eos_token_id, tokenizer.pad_token_id, len(tokenizer)) == (reference.eos_token_id, reference.pad_token_id, len(reference))
