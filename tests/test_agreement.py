@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 from pathlib import Path
 
 import pytest
@@ -29,6 +28,7 @@ from cosmocore.bench.agreement import (
 )
 from cosmocore.config import load_params
 from cosmocore.sandbox import Sandbox
+from tests.conftest import outer_timeout
 
 GUARD_SECONDS = 120
 HUMANEVAL_SAMPLE = [f"HumanEval/{n}" for n in range(0, 164, 8)][:20]  # 20 tasks across the corpus
@@ -54,14 +54,8 @@ def sandbox():
 
 @pytest.fixture(autouse=True)
 def guard():
-    def expire(signum, frame):
-        raise TimeoutError(f"test exceeded {GUARD_SECONDS} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(GUARD_SECONDS)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
+    with outer_timeout(GUARD_SECONDS, f"test exceeded {GUARD_SECONDS} s"):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -125,14 +119,18 @@ BURN_TEST = ("import unittest\nclass TestCases(unittest.TestCase):\n    def test
              "        self.assertEqual(task_func(), 799999980000000)\n")
 
 
+def _both_in_a_tight_sandbox(sample, **limits):
+    """`_both` in a one-worker sandbox whose limits are cut to `limits`, so a limit shows in seconds."""
+    config = load_params("params.yaml").sandbox.model_copy(update={"workers": 1, **limits})
+    with Sandbox(config) as tight:
+        return _both(tight, sample)
+
+
 def test_a_task_that_needs_more_cpu_than_the_limit_times_out():
     """BigCodeBench allows 240 s a task; the sandbox's CPU limit (sandbox.cpu_seconds, 5 s) is far
     below, so a canonical solution that computes for longer (BigCodeBench/0 sums over all 10!
     permutations) is a timeout in the sandbox and a pass in the reference. Shown here at 1 s."""
-    config = load_params("params.yaml").sandbox.model_copy(update={"workers": 1, "cpu_seconds": 1.0})
-    sample = _unit("burn", BURN, BURN_TEST)
-    with Sandbox(config) as tight:
-        reference, result = _both(tight, sample)
+    reference, result = _both_in_a_tight_sandbox(_unit("burn", BURN, BURN_TEST), cpu_seconds=1.0)
     assert reference.passed
     assert (result.outcome, result.exception_type) == ("timeout", "CPUTimeLimit")
 
@@ -145,10 +143,7 @@ def test_a_task_that_waits_longer_than_the_wall_cap_times_out():
     """Some tests wait on purpose (BigCodeBench/195 polls a mocked process once a second, ~45 s in
     all; BigCodeBench/1040 runs a socket server for 10 s per test): longer than the sandbox's wall
     cap (sandbox.wall_seconds, 30 s), well within BigCodeBench's 240 s. Shown here with a 2 s cap."""
-    config = load_params("params.yaml").sandbox.model_copy(update={"workers": 1, "wall_seconds": 2.0})
-    sample = _unit("sleepy", "def task_func():\n    return 1\n", SLEEPY_TEST)
-    with Sandbox(config) as tight:
-        reference, result = _both(tight, sample)
+    reference, result = _both_in_a_tight_sandbox(_unit("sleepy", "def task_func():\n    return 1\n", SLEEPY_TEST), wall_seconds=2.0)
     assert reference.passed
     assert (result.outcome, result.exception_type) == ("timeout", "WallTimeLimit")
 

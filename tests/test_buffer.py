@@ -275,15 +275,19 @@ def busy_buffer(cfg: BufferConfig) -> ReplayBuffer:
     return buffer
 
 
-def assert_same_future(a: ReplayBuffer, b: ReplayBuffer) -> None:
-    assert len(a) == len(b) and a.replay_stats() == b.replay_stats()
+def assert_same_future(a, b, new: list[dict] | None = None, batch_size: int = 16) -> None:
+    """Two buffers (a `ReplayBuffer` or a `mixing.KindMix`) that serve the same minibatches, weights and
+    flags, take the same priority updates alike, and gate `new` entries alike from here on."""
+    assert len(a) == len(b) and a.replay_stats() == pytest.approx(b.replay_stats(), nan_ok=True)
     for step in range(5):
-        x, y = a.sample(16, step / 5), b.sample(16, step / 5)
+        x, y = a.sample(batch_size, step / 5), b.sample(batch_size, step / 5)
         assert np.array_equal(x.indices, y.indices) and x.entries == y.entries
         assert np.array_equal(x.is_weights, y.is_weights) and np.array_equal(x.from_dream, y.from_dream)
-        a.update_priorities(x.indices, np.arange(16.0))
-        b.update_priorities(y.indices, np.arange(16.0))
-    assert a.add([{"id": "new"}], [-0.9], [0.9], [0.0]) == b.add([{"id": "new"}], [-0.9], [0.9], [0.0])
+        a.update_priorities(x.indices, np.arange(float(batch_size)))
+        b.update_priorities(y.indices, np.arange(float(batch_size)))
+    new = new or [{"id": "new"}]
+    affect = ([-0.9] * len(new), [0.9] * len(new), [0.0] * len(new))
+    assert a.add(new, *affect) == b.add(new, *affect)
 
 
 def test_save_load_round_trips_exactly(cfg, tmp_path):

@@ -14,6 +14,7 @@ from cosmocore import mixing
 from cosmocore.buffer import BufferFileError, ReplayBuffer
 from cosmocore.config import BufferConfig, load_params
 from cosmocore.mixing import KindMix, load_buffer, make_buffer, part_configs
+from tests.test_buffer import assert_same_future
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARE = 0.4
@@ -207,25 +208,13 @@ def busy_mix(cfg: BufferConfig) -> KindMix:
     return buffer
 
 
-def assert_same_future(a: KindMix, b: KindMix) -> None:
-    assert len(a) == len(b) and a.replay_stats() == pytest.approx(b.replay_stats(), nan_ok=True)
-    for step in range(5):
-        x, y = a.sample(10, step / 5), b.sample(10, step / 5)
-        assert np.array_equal(x.indices, y.indices) and x.entries == y.entries
-        assert np.array_equal(x.is_weights, y.is_weights) and np.array_equal(x.from_dream, y.from_dream)
-        a.update_priorities(x.indices, np.arange(10.0))
-        b.update_priorities(y.indices, np.arange(10.0))
-    new = [{"id": "new", "kind": "alignment"}, {"id": "new2", "kind": "code"}]
-    assert a.add(new, [-0.9, 0.6], [0.9, 0.5], [0.0, 0.0]) == b.add(new, [-0.9, 0.6], [0.9, 0.5], [0.0, 0.0])
-
-
 def test_save_load_round_trips_exactly(cfg, tmp_path):
     buffer = busy_mix(cfg)
     buffer.save(tmp_path / "buffer.pt")
     small = cfg.model_copy(update={"capacity": 64})
     loaded = load_buffer(tmp_path / "buffer.pt", small, "cosmocore_coderl_plus", SHARE)
     assert isinstance(loaded, KindMix) and loaded.prune_valence == buffer.prune_valence != cfg.prune_valence
-    assert_same_future(buffer, loaded)
+    assert_same_future(buffer, loaded, [{"id": "new", "kind": "alignment"}, {"id": "new2", "kind": "code"}], batch_size=10)
     assert os.listdir(tmp_path) == ["buffer.pt"]  # one file (`write_atomically`, tested in test_buffer), no temp left
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import textwrap
 
 import pytest
@@ -17,6 +16,7 @@ import pytest
 from cosmocore.config import load_params
 from cosmocore.sandbox import ExecRequest, Sandbox, SandboxError, detect_test_style, run_jsonl
 from cosmocore.static_check import static_hallucinations
+from tests.conftest import outer_timeout
 
 GUARD_SECONDS = 30
 ADD_ONE = "def add_one(x):\n    return x + 1\n"
@@ -38,14 +38,8 @@ def sandbox(config):
 
 @pytest.fixture(autouse=True)
 def guard():
-    def expire(signum, frame):
-        raise TimeoutError(f"test exceeded {GUARD_SECONDS} s: the sandbox did not contain the sample")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(GUARD_SECONDS)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
+    with outer_timeout(GUARD_SECONDS, f"test exceeded {GUARD_SECONDS} s: the sandbox did not contain the sample"):
+        yield
 
 
 def run(sandbox, body: str, test: str = CHECK_ADD_ONE, entry_point: str = "add_one", style: str = "humaneval"):

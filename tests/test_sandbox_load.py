@@ -8,7 +8,6 @@ The burners are killed in a finally; a SIGALRM guard fails the test instead of h
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import pytest
 
 from cosmocore.config import load_params
 from cosmocore.sandbox import ExecRequest, Sandbox
+from tests.conftest import outer_timeout
 
 OUTER_TIMEOUT_S = 180
 SAMPLES = 60
@@ -24,14 +24,8 @@ SAMPLES = 60
 
 @pytest.fixture
 def guard():
-    def expire(signum, frame):
-        raise TimeoutError(f"the load test exceeded {OUTER_TIMEOUT_S} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(OUTER_TIMEOUT_S)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
+    with outer_timeout(OUTER_TIMEOUT_S, f"the load test exceeded {OUTER_TIMEOUT_S} s"):
+        yield
 
 
 def _cpu_seconds(pid: int) -> float:
