@@ -13,7 +13,7 @@ import numpy as np
 
 from cosmocore.affect import AffectTagger, affect_targets, predict, train_tagger, update_task_stats
 from cosmocore.alignment import answer, build_alignment_tasks, pick_for_share
-from cosmocore.buffer import ReplayBuffer
+from cosmocore.buffer import SERVING, ReplayBuffer
 from cosmocore.config import AffectConfig, AlignmentConfig, RolloutConfig, TrainConfig
 from cosmocore.mixing import KindMix
 from cosmocore.records import Task, Trajectory
@@ -21,7 +21,6 @@ from cosmocore.rollout import RunIds
 from cosmocore.sandbox import Sandbox
 from cosmocore.trainer import Learner
 
-ON_POLICY_VARIANTS = ("on_policy", "coderl_plus")
 # What the trainer needs of a trajectory: the buffer holds these, not the whole record.
 ENTRY_FIELDS = ("trajectory_id", "task_id", "kind", "prompt_ids", "completion_ids", "behaviour_logprobs", "reward", "outcome")
 
@@ -102,7 +101,7 @@ def nocturnal(learner: Learner, buffer: ReplayBuffer | KindMix, variant: str, cf
     """The off-policy training phase: minibatches from the buffer, priorities updated with TD errors.
     A CodeRL+ buffer (`KindMix`) serves alignment entries at `alignment.share` of every minibatch."""
     updates = cfg.updates_per_iteration
-    if variant in ON_POLICY_VARIANTS:  # each sample used once
+    if SERVING[variant].sampling == "in_order":  # on-policy: each sample used once
         updates = min(updates, math.ceil(len(buffer) / cfg.minibatch_size))
     totals: dict[str, float] = {}
     served = {"alignment": 0, "total": 0, "dream": 0}
