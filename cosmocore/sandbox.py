@@ -463,14 +463,19 @@ class Sandbox:
     so there are two pools of `size` workers each, in jails of their own: samples whose program or
     tests import something beyond the standard library go to the one that preloads
     `sandbox.preload_modules`, the rest to the light one. Each pool starts on first use; at most
-    `size` samples run at once either way."""
+    `size` samples run at once either way.
 
-    def __init__(self, config: SandboxConfig):
+    `slot` tells several sandboxes on one machine apart (one per training process): each numbers its
+    workers, and so picks their uids, after the previous slots', so that no two workers share a uid
+    (a shared uid would share RLIMIT_NPROC, and a worker's sweep could kill the other's sample)."""
+
+    def __init__(self, config: SandboxConfig, slot: int = 0):
         self.config = config
         self.jail = _Jail(config)
         self.size = config.workers or os.cpu_count() or 1
-        self._light = _Pool(self.jail, range(self.size), [])
-        self._heavy = _Pool(self.jail, range(self.size, 2 * self.size), list(config.preload_modules)) \
+        first = 2 * self.size * slot
+        self._light = _Pool(self.jail, range(first, first + self.size), [])
+        self._heavy = _Pool(self.jail, range(first + self.size, first + 2 * self.size), list(config.preload_modules)) \
             if config.preload_modules else self._light
 
     @property
