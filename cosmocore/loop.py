@@ -1,7 +1,9 @@
-"""One iteration of the CosmoCore loop after rollout: (CodeRL+ align →) tag → gate → nocturnal train.
+"""One iteration of the CosmoCore loop: rollout → (CodeRL+ align →) tag → gate → nocturnal train.
 
 Each step is a plain function over a `LoopState` (what must survive a restart besides the policy and
-the buffer), so the Prefect training flow only chains them and checkpoints between iterations.
+the buffer), so the Prefect training flow only chains them and checkpoints between iterations. Each
+takes the run's `Processes` (`cosmocore.distributed`, one process by default) and does its share of a
+data-parallel run: afterwards every process holds the same trajectories, buffer and weights.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ import numpy as np
 from cosmocore.affect import AffectTagger, affect_targets, predict, train_tagger, update_task_stats
 from cosmocore.alignment import answer, build_alignment_tasks, pick_for_share
 from cosmocore.buffer import SERVING, ReplayBuffer
-from cosmocore.config import AffectConfig, AlignmentConfig, RolloutConfig, TrainConfig
+from cosmocore.config import AffectConfig, AlignmentConfig, RewardConfig, RolloutConfig, TrainConfig
+from cosmocore.distributed import SINGLE, Processes
 from cosmocore.mixing import KindMix
 from cosmocore.records import Task, Trajectory
-from cosmocore.rollout import RunIds
+from cosmocore.rollout import RunIds, rollout
 from cosmocore.sandbox import Sandbox
 from cosmocore.trainer import Learner
 
@@ -47,22 +50,52 @@ def rollout_metrics(trajectories: list[Trajectory]) -> dict:
     }
 
 
+def sample_iteration(model, tokenizer, tasks: list[Task], sandbox: Sandbox, cfg: RolloutConfig, reward_cfg: RewardConfig,
+                     style: str, ids: RunIds, processes: Processes = SINGLE) -> tuple[list[Trajectory], float]:
+    """The iteration's rollouts: `cfg.samples_per_task` programs for every task, executed, in task order,
+    and the sampling speed (tokens/s). With several processes each samples its own shard of the tasks
+    with a seed of its own; every one gets all the rollouts, and the speed of all of them together."""
+    mine, engine = rollout(model, tokenizer, processes.shard(tasks), sandbox, cfg, reward_cfg, style, ids,
+                           samples_per_task=cfg.samples_per_task, seed=processes.seed(ids.seed * 10_000 + ids.iteration),
+                           desc=f"rollout {ids.variant} s{ids.seed} i{ids.iteration}")
+    order = {task.task_id: i for i, task in enumerate(tasks)}
+    trajectories = sorted(processes.gather(mine), key=lambda t: (order[t.task_id], t.sample))
+    return trajectories, sum(part["tokens_per_s"] for part in processes.gather([engine]))
+
+
 def align(model, tokenizer, tasks: list[Task], trajectories: list[Trajectory], sandbox: Sandbox, cfg: AlignmentConfig,
-          rollout_cfg: RolloutConfig, style: str, ids: RunIds) -> tuple[list[Trajectory], dict]:
+          rollout_cfg: RolloutConfig, style: str, ids: RunIds, processes: Processes = SINGLE) -> tuple[list[Trajectory], dict]:
     """CodeRL+: questions about what this iteration's programs compute, answered by the policy, as many
-    as make the answers `cfg.share` of the iteration's samples (fewer when fewer could be built)."""
+    as make the answers `cfg.share` of the iteration's samples (fewer when fewer could be built).
+    With several processes each traces the programs of its own shard of the tasks and answers its own
+    shard of the questions; every process gets every answer."""
     seed = ids.seed * 10_000 + ids.iteration
-    built, stats = build_alignment_tasks(trajectories, {t.task_id: t for t in tasks}, sandbox, cfg, seed, style)
+    theirs = {t.task_id for t in tasks} - {t.task_id for t in processes.shard(tasks)}  # other processes' tasks
+    own_programs = [t for t in trajectories if t.task_id not in theirs]  # a task's programs are deduplicated together
+    built, stats = build_alignment_tasks(own_programs, {t.task_id: t for t in tasks}, sandbox, cfg, seed, style)
+    built, stats = processes.gather(built), processes.sum(stats)
     chosen = pick_for_share(built, len(trajectories), cfg, seed)
-    answers = answer(model, tokenizer, chosen, rollout_cfg, cfg, style, ids, seed=seed)
+    answers = processes.gather(answer(model, tokenizer, processes.shard(chosen), rollout_cfg, cfg, style, ids,
+                                      seed=processes.seed(seed)))
     metrics = {f"align_{k}": v for k, v in stats.items()}
     metrics["align_reward"] = sum(t.reward for t in answers) / max(1, len(answers))
     metrics["iteration_alignment_share"] = len(answers) / max(1, len(answers) + len(trajectories))
     return answers, metrics
 
 
-def tag(trajectories: list[Trajectory], state: LoopState, cfg: AffectConfig, seed: int) -> tuple[AffectTagger, dict]:
-    """Self-supervised affect: compute targets from execution, fit the tagger, write its predictions."""
+def tag(trajectories: list[Trajectory], state: LoopState, cfg: AffectConfig, seed: int,
+        processes: Processes = SINGLE) -> tuple[AffectTagger | None, dict]:
+    """Self-supervised affect: compute targets from execution, fit the tagger, write its predictions.
+    With several processes only the main one does it (the others get no tagger and no metrics) and sends
+    the tagged trajectories and the task statistics to the others: a tagger fitted on each could differ
+    in its last bits, and the gates would then fill their buffers differently."""
+    tagger, metrics = _fit_tagger(trajectories, state, cfg, seed) if processes.is_main else (None, {})
+    trajectories[:], state.expected, state.outcome_counts, state.tagger_state = processes.broadcast(
+        (trajectories, state.expected, state.outcome_counts, state.tagger_state))
+    return tagger, metrics
+
+
+def _fit_tagger(trajectories: list[Trajectory], state: LoopState, cfg: AffectConfig, seed: int) -> tuple[AffectTagger, dict]:
     rewards = np.array([t.reward for t in trajectories], dtype=np.float64)
     task_ids = [t.task_id for t in trajectories]
     outcomes = [t.outcome for t in trajectories]

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cosmocore.config import TrainConfig
+from cosmocore.distributed import SINGLE, Processes
 from cosmocore.policy import Scored, collate, score
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -63,8 +64,13 @@ class Learner:
     cfg: TrainConfig
     pad_id: int
     temperature: float
+    processes: Processes = SINGLE  # the data-parallel processes this learner trains with
     steps: int = 0
     tokens: int = 0
+
+    def trained_parameters(self) -> list[torch.Tensor]:
+        """What the optimizer trains: the policy's trainable weights (LoRA adapters, or all) and the value head."""
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def values(self, state: torch.Tensor) -> torch.Tensor:
         return self.value_head(state.detach().to(self.value_head.weight.dtype)).squeeze(-1)
@@ -77,20 +83,23 @@ class Learner:
                 return score(self.model, prompts, completions, self.pad_id, self.temperature).logprobs
 
     def update(self, entries: list[dict], is_weights) -> tuple[dict, torch.Tensor]:
-        """One optimizer step on a minibatch of trajectory records; returns stats and TD errors."""
+        """One optimizer step on a minibatch of trajectory records; returns stats and TD errors. With several
+        processes each scores its own block of the minibatch and the gradients are summed over them: every
+        process takes the step one process would take on the whole minibatch, and gets every TD error."""
         self.model.train()
-        micro = max(1, -(-len(entries) // self.cfg.grad_accumulation))
+        mine = self.processes.block(len(entries))
+        micro = max(1, -(-len(mine) // self.cfg.grad_accumulation))
         weights_all = torch.as_tensor(is_weights, dtype=torch.float32)
-        totals = {"loss": 0.0, "policy_loss": 0.0, "value_loss": 0.0, "entropy": 0.0, "kl": 0.0, "kl_behaviour": 0.0,
-                  "clip_fraction": 0.0}
-        td_errors, values_seen = [], []
+        totals = dict.fromkeys(("loss", "policy_loss", "value_loss", "entropy", "kl", "kl_behaviour", "clip_fraction",
+                                "value_mean"), 0.0)
+        td_errors = []
         self.optimizer.zero_grad(set_to_none=True)
-        for start in range(0, len(entries), micro):
-            chunk = entries[start : start + micro]
+        for start in range(mine.start, mine.stop, micro):
+            chunk = entries[start : min(start + micro, mine.stop)]
             device = next(self.model.parameters()).device
             prompts = [e["prompt_ids"] for e in chunk]
             completions = [e["completion_ids"] for e in chunk]
-            weights = weights_all[start : start + micro].to(device)
+            weights = weights_all[start : start + len(chunk)].to(device)
             reward = torch.tensor([e["reward"] for e in chunk], dtype=torch.float32, device=device)
 
             # ---- the update rule -------------------------------------------------------------
@@ -115,33 +124,32 @@ class Learner:
                 log_ratio_ref = (self._reference_logprobs(prompts, completions) - current.logprobs) * mask
                 kl = _masked_mean(torch.exp(log_ratio_ref) - log_ratio_ref - 1, mask)  # k3 estimator
                 loss = loss + self.cfg.kl_coef * (weights * kl).mean()
-            (loss * len(chunk) / len(entries)).backward()
+            share = len(chunk) / len(entries)  # of the whole minibatch, whichever process scores the chunk
+            (loss * share).backward()
             # -------------------------------------------------------------------------------------
 
             td_errors.append((reward - value).detach().cpu())  # one-step episodes: TD = r − V
-            values_seen.append(value.detach().cpu())
-            share = len(chunk) / len(entries)
-            totals["loss"] += loss.item() * share
-            totals["policy_loss"] += policy_loss.item() * share
-            totals["value_loss"] += value_loss.item() * share
-            totals["entropy"] += entropy.mean().item() * share
-            totals["kl"] += kl.mean().item() * share
             log_ratio = (current.logprobs - behaviour).detach() * mask  # how far the policy moved from μ: free
-            totals["kl_behaviour"] += _masked_mean(torch.exp(log_ratio) - log_ratio - 1, mask).mean().item() * share
-            totals["clip_fraction"] += (_masked_mean(((ratio - clipped).abs() > 1e-6).float(), mask).mean().item()) * share
-            self.tokens += int(mask.sum().item())
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
+            for key, term in (("loss", loss), ("policy_loss", policy_loss), ("value_loss", value_loss), ("entropy", entropy),
+                              ("kl", kl), ("kl_behaviour", _masked_mean(torch.exp(log_ratio) - log_ratio - 1, mask)),
+                              ("clip_fraction", _masked_mean(((ratio - clipped).abs() > 1e-6).float(), mask)),
+                              ("value_mean", value)):
+                totals[key] += term.mean().item() * share
+        self.processes.sum_gradients(self.trained_parameters())
+        totals = self.processes.sum(totals)
+        totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.trained_parameters(), self.cfg.max_grad_norm))
         self.optimizer.step()
         self.steps += 1
+        self.tokens += sum(len(e["completion_ids"]) for e in entries)
         self.model.eval()
-        totals["value_mean"] = float(torch.cat(values_seen).mean())
-        return totals, torch.cat(td_errors)
+        return totals, torch.cat(self.processes.gather(td_errors))
 
 
-def build_learner(model: nn.Module, cfg: TrainConfig, pad_id: int, temperature: float, seed: int = 0) -> Learner:
+def build_learner(model: nn.Module, cfg: TrainConfig, pad_id: int, temperature: float, seed: int = 0,
+                  processes: Processes = SINGLE) -> Learner:
     """Wrap the policy for training: LoRA adapters through peft, or full fine-tuning. `seed` fixes the
-    adapters' random initialisation, so the same seed gives the same run."""
+    adapters' random initialisation, so the same seed gives the same run; with several processes every
+    one starts from the main process's weights."""
     torch.manual_seed(seed)
     reference = None
     if cfg.lora:
@@ -159,13 +167,15 @@ def build_learner(model: nn.Module, cfg: TrainConfig, pad_id: int, temperature: 
     value_head = nn.Linear(model.config.hidden_size, 1).to(device)
     nn.init.zeros_(value_head.weight)
     nn.init.zeros_(value_head.bias)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    processes.copy_from_main([*trainable, *value_head.parameters()])
     optimizer = torch.optim.AdamW(
         [
-            {"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr},
+            {"params": trainable, "lr": cfg.lr},
             {"params": list(value_head.parameters()), "lr": cfg.value_lr},
         ]
     )
-    return Learner(model, value_head, optimizer, reference, cfg, pad_id, temperature)
+    return Learner(model, value_head, optimizer, reference, cfg, pad_id, temperature, processes)
 
 
 def save_policy(learner: Learner, folder: str | os.PathLike) -> None:
@@ -206,8 +216,9 @@ def load_checkpoint(learner: Learner, folder: str | os.PathLike) -> dict:
 
         loaded = AutoModelForCausalLM.from_pretrained(folder)
         learner.model.load_state_dict(loaded.state_dict())
-    learner.value_head.load_state_dict(torch.load(folder / "value_head.pt"))
-    state = torch.load(folder / "trainer_state.pt", weights_only=False)
+    device = learner.value_head.weight.device  # this process's, whichever device saved the checkpoint
+    learner.value_head.load_state_dict(torch.load(folder / "value_head.pt", map_location=device))
+    state = torch.load(folder / "trainer_state.pt", weights_only=False, map_location=device)
     learner.optimizer.load_state_dict(state.pop("optimizer"))
     learner.steps, learner.tokens = state.pop("steps"), state.pop("tokens")
     return state
