@@ -11,10 +11,8 @@ first, in its own process, so it comes up while the stage imports; it is stopped
 from __future__ import annotations
 
 import atexit
-import ctypes
 import importlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -22,8 +20,9 @@ import time
 import urllib.error
 import urllib.request
 
+from flows.common import die_with_parent
+
 STAGES = ("prepare", "model", "train", "evaluate", "report")
-PR_SET_PDEATHSIG = 1  # prctl option: the signal a process gets when its parent dies
 
 
 def _free_port() -> int:
@@ -32,18 +31,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    """In the server's process before it starts (Linux): SIGTERM it when the stage's process dies, even
-    by SIGKILL, which no exit handler sees; elsewhere the exit handler alone stops it."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 def _spawn_server(port: int) -> subprocess.Popen:
     env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
     command = [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
                "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"]
-    return subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+    return subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
 
 
 def _wait_until_healthy(server: subprocess.Popen, url: str, timeout: float) -> None:
@@ -76,7 +68,9 @@ def main() -> None:
         sys.exit(f"usage: python -m flows {{{','.join(STAGES)}}} [stage arguments]")
     stage = sys.argv.pop(1)
     server = None
-    if not os.environ.get("PREFECT_API_URL"):
+    # In a multi-process run (`accelerate launch` or torchrun) only the main process (rank 0) runs the
+    # flow; the others never talk to Prefect, so they start no server.
+    if not os.environ.get("PREFECT_API_URL") and os.environ.get("RANK", "0") == "0":
         port = _free_port()
         server = _spawn_server(port)
         # Registered before prefect is imported, so it runs after prefect's own exit handlers have

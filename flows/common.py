@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Callable
@@ -13,6 +15,7 @@ from typing import Callable
 from cosmocore.errors import CosmoCoreError
 
 CONFIG_DIR = Path("data/config")
+PR_SET_PDEATHSIG = 1  # prctl option: the signal a process gets when its parent dies
 
 
 def write_json(path: str | os.PathLike, payload: dict) -> Path:
@@ -48,3 +51,11 @@ def run_main(main: Callable[[], object]) -> None:
     except CosmoCoreError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Have this process get `sig` when the process that started it dies, even by SIGKILL, which no exit
+    handler sees (Linux; elsewhere exit handlers alone stop it): a child's `preexec_fn`, or called first
+    thing by a process that its launcher started in a session of its own."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, sig)

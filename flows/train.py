@@ -4,6 +4,10 @@ Everything a resumed run needs (checkpoint, buffer, loop state, rollouts) is wri
 under `<run>/state/` (a DVC `persist` output), atomically, so a run killed at any point resumes from
 the last finished iteration with nothing lost or duplicated. A change of config or code starts afresh.
 
+With `train.processes: N` (N > 1) the stage starts itself again as N data-parallel processes
+(`cosmocore.distributed`): the main one runs this Prefect flow and writes every output, the others run
+the flow's body without a flow run of their own.
+
     python -m flows.train --variant cosmocore --seed 0
 """
 
@@ -11,49 +15,64 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import pandas as pd
+import torch
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
 
 import cosmocore
-from cosmocore.config import load_config
-from cosmocore.loop import LoopState, align, gate, nocturnal, rollout_metrics, tag
+from cosmocore.config import ModelConfig, load_config
+from cosmocore.distributed import Processes, is_main_process, launched_world_size, start, uses_cpu
+from cosmocore.errors import CosmoCoreError
+from cosmocore.loop import LoopState, align, gate, nocturnal, rollout_metrics, sample_iteration, tag
 from cosmocore.mixing import ALIGNMENT_VARIANTS, load_buffer, make_buffer
 from cosmocore.models import load_policy
 from cosmocore.prompts import resolve_style
 from cosmocore.records import read_tasks, trajectories_to_frame, write_trajectories
-from cosmocore.rollout import RunIds, rollout
+from cosmocore.rollout import RunIds
 from cosmocore.sandbox import Sandbox
 from cosmocore.trainer import build_learner, load_checkpoint, save_checkpoint, save_policy
 from cosmocore.validation import raise_for_failures, validate_trajectories
-from flows.common import CONFIG_DIR, file_digest, run_main, write_json
+from flows.common import CONFIG_DIR, die_with_parent, file_digest, run_main, write_json
 from flows.tracking import Tracker
 
 TRAINING_SECTIONS = ("model", "rollout", "reward", "affect", "buffer", "train", "sandbox", "alignment")
 TRAINING_CODE = (*sorted(Path(cosmocore.__file__).parent.glob("*.py")), Path(__file__))
 
 
-@task(cache_policy=NO_CACHE)
-def rollout_task(policy, tokenizer, tasks, sandbox, cfg, style, ids: RunIds):
-    return rollout(policy, tokenizer, tasks, sandbox, cfg.rollout, cfg.reward, style, ids,
-                   samples_per_task=cfg.rollout.samples_per_task, seed=ids.seed * 10_000 + ids.iteration,
-                   desc=f"rollout {ids.variant} s{ids.seed} i{ids.iteration}")
+def _step(prefect_task, *args):
+    """Run one step of the iteration: as a Prefect task in the flow run (the main process), as a plain
+    function in the other processes of a multi-process run, which have no flow run: N processes make
+    one flow run and one set of task runs, not N."""
+    return prefect_task(*args) if FlowRunContext.get() else prefect_task.fn(*args)
 
 
 @task(cache_policy=NO_CACHE)
-def align_task(policy, tokenizer, tasks, trajectories, sandbox, cfg, style, ids: RunIds):
+def rollout_task(policy, tokenizer, tasks, sandbox, cfg, style, ids: RunIds, processes: Processes):
+    return sample_iteration(policy, tokenizer, tasks, sandbox, cfg.rollout, cfg.reward, style, ids, processes)
+
+
+@task(cache_policy=NO_CACHE)
+def align_task(policy, tokenizer, tasks, trajectories, sandbox, cfg, style, ids: RunIds, processes: Processes):
     """CodeRL+: questions about what this iteration's programs compute, answered by the policy."""
-    return align(policy, tokenizer, tasks, trajectories, sandbox, cfg.alignment, cfg.rollout, style, ids)
+    return align(policy, tokenizer, tasks, trajectories, sandbox, cfg.alignment, cfg.rollout, style, ids, processes)
 
 
 @task(cache_policy=NO_CACHE)
-def tag_task(trajectories, state, cfg, seed):
-    _, metrics = tag(trajectories, state, cfg.affect, seed)
-    raise_for_failures(validate_trajectories(trajectories_to_frame(trajectories)), "tagged trajectories")
+def tag_task(trajectories, state, cfg, seed, processes: Processes):
+    _, metrics = tag(trajectories, state, cfg.affect, seed, processes)
+    if processes.is_main:  # the others received the same trajectories
+        raise_for_failures(validate_trajectories(trajectories_to_frame(trajectories)), "tagged trajectories")
     return metrics
 
 
@@ -89,73 +108,120 @@ def _latest_checkpoint(state_dir: Path) -> Path | None:
 @flow(name="cosmocore-train", log_prints=True)
 def train_flow(variant: str, seed: int, tasks_path: str = "data/prepared/train.jsonl",
                model_dir: str = "data/model/base", out_root: str = "data/runs") -> dict:
+    """The training stage as a Prefect flow (in a multi-process run, the main process's)."""
+    return train(variant, seed, tasks_path, model_dir, out_root)
+
+
+def train(variant: str, seed: int, tasks_path: str = "data/prepared/train.jsonl",
+          model_dir: str = "data/model/base", out_root: str = "data/runs") -> dict:
+    """Train one variant and seed, resuming its saved state; every process of the run calls this."""
     cfg = load_config(CONFIG_DIR)
+    processes = start(cfg.model)
     key = f"{variant}-s{seed}"
     run_dir, tasks_path, model_dir = Path(out_root) / key, Path(tasks_path), Path(model_dir)
     state_dir = run_dir / "state"
-    fingerprint = _fingerprint(variant, seed, tasks_path, model_dir)
-    if (state_dir / "fingerprint").exists() and (state_dir / "fingerprint").read_text() != fingerprint:
-        print(f"{key}: configuration or code changed since the saved state; starting afresh")
-        shutil.rmtree(state_dir)
-    state_dir.mkdir(parents=True, exist_ok=True)
-    (state_dir / "fingerprint").write_text(fingerprint)
+    checkpoint = None
+    if processes.is_main:
+        fingerprint = _fingerprint(variant, seed, tasks_path, model_dir)
+        if (state_dir / "fingerprint").exists() and (state_dir / "fingerprint").read_text() != fingerprint:
+            print(f"{key}: configuration or code changed since the saved state; starting afresh")
+            shutil.rmtree(state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        (state_dir / "fingerprint").write_text(fingerprint)
+        checkpoint = _latest_checkpoint(state_dir)
+    checkpoint = processes.broadcast(checkpoint)  # every process resumes from the same one
 
     tasks = read_tasks(tasks_path)
-    policy, tokenizer = load_policy(model_dir, cfg.model)
+    policy, tokenizer = load_policy(model_dir, processes.model_config(cfg.model))
     style = resolve_style(cfg.model.prompt_style, tokenizer)
-    learner = build_learner(policy, cfg.train, tokenizer.pad_token_id, cfg.rollout.temperature, seed=seed)
+    learner = build_learner(policy, cfg.train, tokenizer.pad_token_id, cfg.rollout.temperature, seed=seed, processes=processes)
     buffer, state = make_buffer(cfg.buffer, variant, seed, cfg.alignment.share), LoopState()
-    checkpoint = _latest_checkpoint(state_dir)
     if checkpoint is not None:
         state = LoopState(**load_checkpoint(learner, checkpoint)["loop"])
         buffer = load_buffer(checkpoint / "buffer.pt", cfg.buffer, variant, cfg.alignment.share)
-        print(f"{key}: resuming after iteration {state.iteration - 1} from {checkpoint}")
+        if processes.is_main:
+            print(f"{key}: resuming after iteration {state.iteration - 1} from {checkpoint}")
 
-    tracker = Tracker(CONFIG_DIR, cfg.tracking, "train", cfg.profile, tags={"variant": variant, "seed": seed})
-    tracker.log_params({"variant": variant, "seed": seed, "train": cfg.train.model_dump(), "buffer": cfg.buffer.model_dump(),
-                        "rollout": cfg.rollout.model_dump(), "model.source": cfg.model.source})
-    with Sandbox(cfg.sandbox) as sandbox, tracker:
+    tracker = None
+    if processes.is_main:
+        tracker = Tracker(CONFIG_DIR, cfg.tracking, "train", cfg.profile, tags={"variant": variant, "seed": seed})
+        tracker.log_params({"variant": variant, "seed": seed, "train": cfg.train.model_dump(), "buffer": cfg.buffer.model_dump(),
+                            "rollout": cfg.rollout.model_dump(), "model.source": cfg.model.source,
+                            "processes": processes.world})
+    with Sandbox(processes.sandbox_config(cfg.sandbox), slot=processes.local_rank) as sandbox, tracker or nullcontext():
         while state.iteration < cfg.train.iterations:
             i = state.iteration
             ids = RunIds(run=key, variant=variant, seed=seed, iteration=i)
-            trajectories, engine = rollout_task(learner.model, tokenizer, tasks, sandbox, cfg, style, ids)
-            metrics = {**rollout_metrics(trajectories), "rollout_tokens_per_s": engine["tokens_per_s"]}
+            trajectories, tokens_per_s = _step(rollout_task, learner.model, tokenizer, tasks, sandbox, cfg, style, ids, processes)
+            metrics = {**rollout_metrics(trajectories), "rollout_tokens_per_s": tokens_per_s}
             if variant in ALIGNMENT_VARIANTS:
-                answers, align_metrics = align_task(learner.model, tokenizer, tasks, trajectories, sandbox, cfg, style, ids)
+                answers, align_metrics = _step(align_task, learner.model, tokenizer, tasks, trajectories, sandbox, cfg, style,
+                                               ids, processes)
                 trajectories, metrics = trajectories + answers, metrics | align_metrics
-            metrics |= tag_task(trajectories, state, cfg, seed)
-            metrics |= gate_task(buffer, trajectories)
-            metrics |= nocturnal_task(learner, buffer, variant, cfg, i)
+            metrics |= _step(tag_task, trajectories, state, cfg, seed, processes)
+            metrics |= _step(gate_task, buffer, trajectories)
+            metrics |= _step(nocturnal_task, learner, buffer, variant, cfg, i)
+            processes.check_identical(learner.trained_parameters(), "weights")
             metrics["iteration"], metrics["optimizer_steps"] = i, learner.steps
-            write_trajectories(trajectories, state_dir / "rollouts" / f"iter_{i}.parquet")
             state.history.append(metrics)
             state.samples_log += [{"iteration": i, "task_id": t.task_id, "outcome": t.outcome, "hallucinated": t.hallucinated,
                                    "optimizer_steps": learner.steps} for t in trajectories if t.kind == "code"]
             state.iteration = i + 1
-            save_checkpoint(learner, state_dir / f"iter_{i}", {"loop": dataclasses.asdict(state)},
-                            also=lambda folder: buffer.save(folder / "buffer.pt"))
-            for old in sorted(state_dir.glob("iter_*[0-9]"), key=lambda p: int(p.name.split("_")[1]))[: -cfg.train.keep_checkpoints]:
-                shutil.rmtree(old)
-            tracker.log_metrics(metrics, step=i)
-            print(f"{key} iteration {i}: pass {metrics['train_pass_rate']:.3f} halluc {metrics['train_hallucination_rate']:.3f} "
-                  f"reward {metrics['train_reward']:.3f} dream {metrics.get('gate_dream_share', 0):.2f} "
-                  f"pruned {metrics.get('gate_pruned', 0)}")
+            if processes.is_main:
+                write_trajectories(trajectories, state_dir / "rollouts" / f"iter_{i}.parquet")
+                save_checkpoint(learner, state_dir / f"iter_{i}", {"loop": dataclasses.asdict(state)},
+                                also=lambda folder: buffer.save(folder / "buffer.pt"))
+                for old in sorted(state_dir.glob("iter_*[0-9]"), key=lambda p: int(p.name.split("_")[1]))[: -cfg.train.keep_checkpoints]:
+                    shutil.rmtree(old)
+                tracker.log_metrics(metrics, step=i)
+                print(f"{key} iteration {i}: pass {metrics['train_pass_rate']:.3f} halluc {metrics['train_hallucination_rate']:.3f} "
+                      f"reward {metrics['train_reward']:.3f} dream {metrics.get('gate_dream_share', 0):.2f} "
+                      f"pruned {metrics.get('gate_pruned', 0)}")
+            processes.barrier()
 
-        save_policy(learner, run_dir / "policy")
-        pd.DataFrame(state.samples_log).to_parquet(run_dir / "samples_log.parquet", index=False)
-        pd.DataFrame(state.history).to_csv(run_dir / "history.csv", index=False)
         final = {k: v for k, v in state.history[-1].items() if isinstance(v, (int, float))}
-        write_json(run_dir / "train_metrics.json", final)
-        tracker.log_artifact(run_dir / "history.csv")
+        if processes.is_main:
+            save_policy(learner, run_dir / "policy")
+            pd.DataFrame(state.samples_log).to_parquet(run_dir / "samples_log.parquet", index=False)
+            pd.DataFrame(state.history).to_csv(run_dir / "history.csv", index=False)
+            write_json(run_dir / "train_metrics.json", final)
+            tracker.log_artifact(run_dir / "history.csv")
+    processes.barrier()
     return final
 
 
+def _relaunch(variant: str, seed: int, processes: int, model: ModelConfig) -> int:
+    """Run this stage as `processes` processes on this machine and wait for them: torchrun, the launcher
+    `accelerate launch` itself uses for several local processes (its `--cpu` mode would start one: it
+    launches multi-CPU runs through MPI). Each process sets itself up from the launcher's environment
+    (`cosmocore.distributed.start`); they inherit this one's Prefect server, and stop if it dies."""
+    if not uses_cpu(model) and torch.cuda.device_count() < processes:  # NCCL cannot put two processes on one GPU
+        raise CosmoCoreError(f"train.processes is {processes} but this machine has {torch.cuda.device_count()} GPU(s): "
+                             "set it to at most that many, or model.device to cpu for CPU processes")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               "-m", "flows.train", "--variant", variant, "--seed", str(seed)]
+    return subprocess.run(command, preexec_fn=die_with_parent).returncode
+
+
 def main() -> None:
+    if launched_world_size() > 1:
+        # torchrun starts each process in a session of its own, which outlives a SIGKILLed torchrun: an
+        # orphan would go on writing checkpoints beside the run that resumes them. End with torchrun.
+        die_with_parent(signal.SIGKILL)
+        if os.getppid() == 1:  # torchrun died before that
+            sys.exit("the launcher that started this process is gone")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", required=True)
     parser.add_argument("--seed", type=int, required=True)
     args = parser.parse_args()
-    run_main(lambda: train_flow(args.variant, args.seed))
+
+    def stage() -> None:
+        cfg = load_config(CONFIG_DIR)
+        if cfg.train.processes > 1 and launched_world_size() == 1:  # not yet started by a launcher
+            sys.exit(_relaunch(args.variant, args.seed, cfg.train.processes, cfg.model))
+        (train_flow if is_main_process() else train)(args.variant, args.seed)
+
+    run_main(stage)
 
 
 if __name__ == "__main__":

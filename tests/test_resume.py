@@ -40,20 +40,18 @@ def _write_config(repo: Path, **train_changes) -> None:
     write_sections(resolve_params(raw), repo / "data" / "config")
 
 
-@pytest.fixture(scope="module")
-def scratch(tmp_path_factory, tiny_model_dir):
-    """A repository layout with config, two prepared tasks and the tiny model; the flows are copied so
-    that everything the run writes (MLflow artifacts included) stays under the scratch folder."""
+def make_scratch(root: Path, tiny_model_dir: Path, n_tasks: int = 2, **train_changes) -> tuple[Path, dict]:
+    """A repository layout under `root` with config (`_write_config`), `n_tasks` prepared tasks and the tiny
+    model; the flows are copied so that everything a run writes (MLflow artifacts included) stays under
+    `root`, with Prefect's and MLflow's databases. Returns the repository and the environment to run in."""
     from cosmocore.datasets import load_humaneval
     from cosmocore.records import write_tasks
 
-    root = tmp_path_factory.mktemp("resume")
     repo = root / "repo"
     shutil.copytree(REPO / "flows", repo / "flows", ignore=shutil.ignore_patterns("__pycache__"))
-    _write_config(repo)
-    tasks = load_humaneval()[:2]
-    write_tasks(tasks, repo / "data/prepared/train.jsonl")
-    write_tasks(load_humaneval()[2:4], repo / "data/prepared/eval.jsonl")
+    _write_config(repo, **train_changes)
+    write_tasks(load_humaneval()[:n_tasks], repo / "data/prepared/train.jsonl")
+    write_tasks(load_humaneval()[n_tasks : 2 * n_tasks], repo / "data/prepared/eval.jsonl")
     shutil.copytree(tiny_model_dir, repo / "data/model/base")
     env = {
         **os.environ,
@@ -62,13 +60,21 @@ def scratch(tmp_path_factory, tiny_model_dir):
         "PYTHONUNBUFFERED": "1",
         "COLUMNS": "1000",  # Prefect's console logger must not wrap the lines checked below
     }
+    return repo, env
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("resume")
+    repo, env = make_scratch(root, tiny_model_dir)
     shutil.copytree(repo, root / "reference")  # for an uninterrupted run to compare with
-    return repo, root / "reference", env, len(tasks)
+    return repo, root / "reference", env, 2
 
 
-def _start(repo: Path, env: dict, log: Path) -> subprocess.Popen:
+def _start(repo: Path, env: dict, log: Path, stage: tuple[str, ...] = ("-m", "flows.train")) -> subprocess.Popen:
+    """Start the training stage (`stage`: how Python is told to run it) in a session of its own."""
     with log.open("w") as handle:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen([sys.executable, "-m", "flows.train", "--variant", VARIANT, "--seed", str(SEED)],
+        return subprocess.Popen([sys.executable, *stage, "--variant", VARIANT, "--seed", str(SEED)],
                                 cwd=repo, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
 
 
