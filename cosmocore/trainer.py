@@ -16,37 +16,11 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from cosmocore.config import TrainConfig
-from cosmocore.policy import Scored, collate, score
+from cosmocore.policy import score, score_for_update
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def score_for_update(model, prompts: list[list[int]], completions: list[list[int]], pad_id: int,
-                     temperature: float) -> tuple[Scored, torch.Tensor]:
-    """`policy.score` with gradients through the completion only, plus the state: the last hidden state
-    of the prompt's last token, before the policy acts (the critic's input: a value that saw the
-    completion could predict its reward and cancel the advantage). The prompt (all but its last token)
-    is run once without gradients and its KV cache reused. Values are those of `score`; the gradient
-    leaves out how the weights shape the prompt's keys and values, which spares the backward pass over
-    prompts that are 3-6x longer than their completions (the usual truncation in RL for LMs on a CPU)."""
-    batch = collate(prompts, completions, pad_id, next(model.parameters()).device)
-    split = batch["prompt_len"] - 1
-    ids, attention, positions = batch["input_ids"], batch["attention_mask"], batch["position_ids"]
-    with torch.no_grad():
-        prefix = model(input_ids=ids[:, :split], attention_mask=attention[:, :split], position_ids=positions[:, :split],
-                       use_cache=True, logits_to_keep=1)
-    out = model(input_ids=ids[:, split:], attention_mask=attention, position_ids=positions[:, split:],
-                past_key_values=prefix.past_key_values, use_cache=True, output_hidden_states=True)
-    log_dist = F.log_softmax(out.logits[:, :-1].float() / temperature, dim=-1)
-    mask = batch["completion_mask"]
-    logprobs = log_dist.gather(-1, ids[:, split + 1 :].unsqueeze(-1)).squeeze(-1) * mask
-    entropy = -(log_dist.exp() * log_dist).sum(-1) * mask
-    last = out.hidden_states[-1].float()
-    hidden = (last[:, 1:] * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
-    return Scored(logprobs=logprobs, entropy=entropy, mask=mask, hidden=hidden), last[:, 0]
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -17,3 +17,4 @@ def test_answers_carry_the_behaviour_policys_scores(tiny_model_dir, config):
     for a in answers:
         assert len(a.behaviour_logprobs) == len(a.completion_ids) > 0 and len(a.hidden) == model.config.hidden_size
         assert a.reward == question.reward(a.text) and a.task_id == "t#align"
+        assert tokenizer.decode(a.prompt_ids).endswith(alignment.ANSWER_PREFIX)  # the answer's start, given

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cosmocore import causal, sampling
 from cosmocore import rollout as engine
 from cosmocore.models import load_policy
 from cosmocore.policy import score
@@ -139,9 +140,9 @@ def test_empty_generation_is_no_code_not_a_crash(tiny, config, monkeypatch):
     def nothing(model, tokenizer, groups, *args, **kwargs):  # every row ends at once with end-of-sequence
         for g, (_, rows) in enumerate(groups):
             for m in range(rows):
-                yield g, m, engine.Sampled([tokenizer.eos_token_id], [-0.1], [1.0], [0.0] * model.config.hidden_size)
+                yield g, m, sampling.Sampled([tokenizer.eos_token_id], [-0.1], [1.0], [0.0] * model.config.hidden_size)
 
-    monkeypatch.setattr(engine, "_stream", nothing)
+    monkeypatch.setattr(causal, "stream", nothing)
     sandbox = FakeSandbox()
     trajectories, _ = rollout(model, tokenizer, [_task(0)], sandbox, config.rollout, config.reward, "chat", IDS, samples_per_task=2)
     assert [t.outcome for t in trajectories] == ["no_code", "no_code"]
@@ -151,7 +152,7 @@ def test_empty_generation_is_no_code_not_a_crash(tiny, config, monkeypatch):
 
 def test_out_of_memory_halves_the_batch(tiny, config, monkeypatch):
     model, tokenizer = tiny
-    real = engine._stream
+    real = causal.stream
     capacities = []
 
     def flaky(model, tokenizer, groups, cfg, style, greedy, temperature, with_scores, capacity, stop):
@@ -161,7 +162,7 @@ def test_out_of_memory_halves_the_batch(tiny, config, monkeypatch):
                 raise torch.OutOfMemoryError("simulated")
             yield item
 
-    monkeypatch.setattr(engine, "_stream", flaky)
+    monkeypatch.setattr(causal, "stream", flaky)
     cfg = config.rollout.model_copy(update={"max_new_tokens": 4, "batch_size": 8})
     trajectories, _ = rollout(model, tokenizer, [_task(0), _task(1)], FakeSandbox(), cfg, config.reward, "completion", IDS,
                               samples_per_task=4)
@@ -196,10 +197,10 @@ def test_nucleus_sampling_keeps_the_transformers_semantics(monkeypatch):
     log_dist = F.log_softmax(logits, -1)
     kept = TopPLogitsWarper(top_p=0.9)(None, logits.clone()) > -float("inf")
     for candidates in (8, 400):  # the flat row's nucleus is wider than 8 candidates: the full sort takes over
-        monkeypatch.setattr(engine, "NUCLEUS_CANDIDATES", candidates)
+        monkeypatch.setattr(sampling, "NUCLEUS_CANDIDATES", candidates)
         drawn = torch.zeros_like(kept)
         for _ in range(300):
-            tokens = engine._top_p_sample(log_dist, 0.9)
+            tokens = sampling.top_p_sample(log_dist, 0.9)
             drawn[torch.arange(4), tokens] = True
         assert not (drawn & ~kept).any()  # never outside the nucleus ...
         assert drawn[:3].sum() >= kept[:3].sum() * 0.5  # ... and spread over it

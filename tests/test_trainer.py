@@ -3,13 +3,11 @@
 import torch
 
 from cosmocore.models import load_policy
-from cosmocore.policy import score
+from cosmocore.policy import score, score_for_update
 
 
 def test_the_training_pass_scores_exactly_like_the_rollout_pass(tiny_model_dir, config):
     """The trainer runs prompts without gradients and reuses their cache: same numbers as `score`."""
-    from cosmocore.trainer import score_for_update
-
     model, tokenizer = load_policy(tiny_model_dir, config.model)
     prompts = [tokenizer("def add(a, b):")["input_ids"], tokenizer("import math\n\ndef area(r):\n    return")["input_ids"]]
     completions = [tokenizer("\n    return a + b")["input_ids"], tokenizer(" math.pi * r * r")["input_ids"]]
