@@ -135,7 +135,8 @@ def alignment_prompt(program: str, call: str, variables: Sequence[str] = ()) -> 
 def alignment_chat_prompt(tokenizer, text: str, style: str) -> str:
     """The model input for a question, like `prompts.build_prompt` for code: the chat template for an
     instruct model, the bare question for a base model. `answer` encodes it with `ANSWER_PREFIX`, the
-    start of the JSON answer, for the model to continue (`policy.encode`)."""
+    start of the JSON answer, for the model to continue (`policy.encode`: after the prompt for a
+    decoder-only model, at the start of the decoder's side for an encoder-decoder one)."""
     if style == "chat":
         messages = [{"role": "user", "content": text}]
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

@@ -4,7 +4,8 @@ forward pass. Rollouts score to record the behaviour policy; the trainer scores 
 current one, so both see exactly the same numbers for the same weights.
 
 Each function hands over to the policy's architecture (`family.implementation`): `cosmocore.causal`
-for decoder-only models. Implementations share `token_scores`, so the numbers are defined once.
+for decoder-only models, `cosmocore.seq2seq` for encoder-decoder ones. Both share `token_scores`, so
+the numbers are defined once.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 and return one `Trajectory` per sample with everything tag, gate and train need.
 
 The decode loop belongs to the policy's architecture (`policy.stream`): continuous batching for
-decoder-only models (`cosmocore.causal`, where the speed comes from). Around it, whatever the architecture:
+decoder-only models (`cosmocore.causal`, where the speed comes from), batches grouped by prompt for
+encoder-decoder ones (`cosmocore.seq2seq`). Around it, whatever the architecture:
 - a task's k samples share one prompt, which is encoded (prefilled) once;
 - the behaviour log-probs, entropy and pooled hidden state come from the decode loop itself, equal to
   what `policy.score` computes: no second scoring pass;

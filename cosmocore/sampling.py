@@ -1,6 +1,7 @@
 """What every decode loop does with one step's logits, whatever the model's architecture: pick each row's
 next token (greedy, or nucleus sampling at a temperature), record what the behaviour policy said about
-it, and decide which rows are finished. A decode loop (`causal.stream`) only says how it gets the logits.
+it, and decide which rows are finished. The decoder-only engine (`causal.stream`) and the
+encoder-decoder one (`seq2seq.stream`) differ only in how they get the logits.
 """
 
 from __future__ import annotations

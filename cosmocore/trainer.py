@@ -18,9 +18,24 @@ import torch
 import torch.nn as nn
 
 from cosmocore.config import TrainConfig
+from cosmocore.family import auto_class
 from cosmocore.policy import score, score_for_update
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The attention and MLP projections, by the names each architecture gives them: Llama-style decoders,
+# and T5-style encoder-decoders (CodeT5: q, k, v, o in self- and cross-attention; wi, wo, or wi_0, wi_1,
+# wo with a gated feed-forward). Only the names the model has are targeted.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                "q", "k", "v", "o", "wi", "wo", "wi_0", "wi_1")
+
+
+def _train_mode(model: nn.Module) -> None:
+    """Train mode for LoRA's dropout (`train.lora_dropout`) alone. The model's own dropout (0.1 in T5 and
+    CodeT5) stays off: the importance ratio compares this pass with the behaviour policy's, which sampled
+    without it, and would otherwise differ from 1 before any step."""
+    model.eval()
+    for name, module in model.named_modules():
+        if name.endswith("lora_dropout"):
+            module.train()
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -52,7 +67,7 @@ class Learner:
 
     def update(self, entries: list[dict], is_weights) -> tuple[dict, torch.Tensor]:
         """One optimizer step on a minibatch of trajectory records; returns stats and TD errors."""
-        self.model.train()
+        _train_mode(self.model)
         micro = max(1, -(-len(entries) // self.cfg.grad_accumulation))
         weights_all = torch.as_tensor(is_weights, dtype=torch.float32)
         totals = {"loss": 0.0, "policy_loss": 0.0, "value_loss": 0.0, "entropy": 0.0, "kl": 0.0, "kl_behaviour": 0.0,
@@ -176,9 +191,7 @@ def load_checkpoint(learner: Learner, folder: str | os.PathLike) -> dict:
 
         set_peft_model_state_dict(learner.model, load_file(folder / "adapter_model.safetensors"))
     else:
-        from transformers import AutoModelForCausalLM
-
-        loaded = AutoModelForCausalLM.from_pretrained(folder)
+        loaded = auto_class(learner.model.config).from_pretrained(folder)
         learner.model.load_state_dict(loaded.state_dict())
     learner.value_head.load_state_dict(torch.load(folder / "value_head.pt"))
     state = torch.load(folder / "trainer_state.pt", weights_only=False)

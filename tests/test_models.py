@@ -29,7 +29,7 @@ def test_a_missing_model_folder_says_how_to_make_it(config, tmp_path):
 
 def test_an_unreadable_model_says_what_to_do(config, tmp_path):
     (tmp_path / "config.json").write_text("{ not json")
-    with pytest.raises(ModelUnavailable, match="not a readable causal LM"):
+    with pytest.raises(ModelUnavailable, match="not a readable causal or encoder-decoder LM"):
         load_policy(tmp_path, config.model)
 
 

@@ -11,7 +11,9 @@ model, max tokens and sampling settings.
 Completed programs per second is measured from prompts to extracted programs (stopping a sample as soon
 as its program is complete counts as a gain); the engine's rollouts per second also include execution.
 The roof is the measured fp32 matrix-multiply FLOP/s over 2 × parameters (one multiply-add per parameter
-per generated token).
+per generated token); for an encoder-decoder model, whose encoder runs once per prompt, it is lower than
+what the decoder alone allows. Either architecture runs through the same engine entry point
+(`policy.stream` picks its decode loop) and the same baseline.
 
     python -m cosmocore.bench.rollout [--model DIR] [--tasks 8] [--samples 4]     (or: cosmocore bench rollout)
 
