@@ -165,8 +165,10 @@ def pick_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def load_policy(folder: str | os.PathLike, cfg: ModelConfig, adapter: str | os.PathLike | None = None):
-    """Load (model, tokenizer) from a materialised folder, optionally with a LoRA adapter on top."""
+def load_policy(folder: str | os.PathLike, cfg: ModelConfig, trained: str | os.PathLike | None = None):
+    """Load (model, tokenizer) from a materialised folder, on `model.device` in `model.dtype`. `trained`
+    is a policy folder written by `trainer.save_policy`: a LoRA adapter, put on top of the base model,
+    or a fully fine-tuned model, loaded in its place."""
     from transformers import AutoConfig, AutoTokenizer
 
     folder = Path(folder)
@@ -175,17 +177,19 @@ def load_policy(folder: str | os.PathLike, cfg: ModelConfig, adapter: str | os.P
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg)
+    adapter = trained is not None and (Path(trained) / "adapter_config.json").is_file()
+    weights = folder if trained is None or adapter else Path(trained)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = auto_class(AutoConfig.from_pretrained(folder)).from_pretrained(folder, dtype=pick_dtype(cfg, device))
+        model = auto_class(AutoConfig.from_pretrained(weights)).from_pretrained(weights, dtype=pick_dtype(cfg, device))
     except (OSError, ValueError) as error:
-        raise ModelUnavailable(f"{folder} is not a readable causal or encoder-decoder LM ({error}): "
-                               "delete it and run `dvc repro model`") from None
+        raise ModelUnavailable(f"{weights} is not a readable causal or encoder-decoder LM ({error}): "
+                               "delete it and run `dvc repro` again") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    if adapter is not None:
+    if adapter:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter, is_trainable=False)
+        model = PeftModel.from_pretrained(model, trained, is_trainable=False)
     return model.to(device).eval(), tokenizer

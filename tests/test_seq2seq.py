@@ -18,14 +18,14 @@ from cosmocore.bench.rollout import run_plain
 from cosmocore.loop import LoopState, gate, nocturnal, tag
 from cosmocore.mixing import make_buffer
 from cosmocore.models import load_policy
-from cosmocore.policy import encode
+from cosmocore.policy import encode, score
 from cosmocore.prompts import resolve_style
 from cosmocore.records import OUTCOMES
 from cosmocore.repair import repair
 from cosmocore.rollout import RunIds, rollout
 from cosmocore.sandbox import Sandbox
 from cosmocore.seq2seq import decoder_start, split
-from cosmocore.trainer import build_learner, load_checkpoint, save_checkpoint
+from cosmocore.trainer import build_learner, load_checkpoint, save_checkpoint, save_policy
 from tests.test_rollout import FakeSandbox, _task, assert_like_fresh
 
 IDS = RunIds(run="test", variant="cosmocore", seed=0, iteration=0)
@@ -99,6 +99,13 @@ def test_one_update_changes_the_policy_and_its_checkpoint_round_trips(lora, tiny
     restored = fresh.model.state_dict()
     for name, value in learner.model.state_dict().items():
         torch.testing.assert_close(restored[name], value, rtol=0, atol=0)
+
+    save_policy(learner, tmp_path / "policy")  # what evaluation loads, through the one loader
+    evaluated, _ = load_policy(tiny_t5_dir, config.model, trained=tmp_path / "policy")
+    prompts, completions = [e["prompt_ids"] for e in entries], [e["completion_ids"] for e in entries]
+    with torch.no_grad():
+        expected = score(learner.model.eval(), prompts, completions, tokenizer.pad_token_id).logprobs
+        torch.testing.assert_close(score(evaluated, prompts, completions, tokenizer.pad_token_id).logprobs, expected)
 
 
 def test_gated_feed_forwards_get_their_adapters_too(config):
