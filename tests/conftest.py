@@ -1,4 +1,4 @@
-"""Shared fixtures: the resolved default config and a tiny model built from a config."""
+"""Shared fixtures: the resolved default config and tiny models (decoder-only, encoder-decoder) built from a config."""
 
 from __future__ import annotations
 
@@ -44,3 +44,13 @@ def tiny_model_dir(tmp_path_factory, config):
 
     cfg = config.model.model_copy(update={"source": "tiny"})
     return materialise(cfg, tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_dir(tmp_path_factory, config):
+    """A two-layer T5 (CodeT5-small's architecture) with the embedded model's tokenizer and no chat template,
+    built from a config and then materialised as a local folder is (`model.source: <folder>`)."""
+    from cosmocore.models import materialise
+
+    built = materialise(config.model.model_copy(update={"source": "tiny", "tiny_arch": "t5"}), tmp_path_factory.mktemp("t5"))
+    return materialise(config.model.model_copy(update={"source": str(built)}), tmp_path_factory.mktemp("t5-copied"))

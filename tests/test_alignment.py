@@ -11,7 +11,6 @@ from pydantic import ValidationError
 
 from cosmocore import alignment
 from cosmocore.alignment import (
-    ANSWER_PREFIX,
     AlignmentTask,
     alignment_chat_prompt,
     alignment_prompt,
@@ -317,8 +316,8 @@ def test_prompts_show_code_call_and_variables():
     text = alignment_prompt(LOOP, "total(4)", ["acc", "label"])
     assert LOOP.strip() in text and "`total(4)`" in text
     assert '{"output": ..., "variables": {"acc": ..., "label": ...}}' in text and "acc, label of `total`" in text
-    assert alignment_chat_prompt(ChatTokenizer(), text, "chat") == f"<user>{text}<assistant>{ANSWER_PREFIX}"
-    assert alignment_chat_prompt(None, text, "completion") == f"{text}\n\n{ANSWER_PREFIX}"
+    assert alignment_chat_prompt(ChatTokenizer(), text, "chat") == f"<user>{text}<assistant>"
+    assert alignment_chat_prompt(None, text, "completion") == f"{text}\n\n"
     with pytest.raises(ValueError, match="resolve 'auto' first"):
         alignment_chat_prompt(None, text, "auto")
     assert isinstance(AlignmentTask("a", "t", "", LOOP, "total(4)", 14, {}, text).reward("{}"), float)

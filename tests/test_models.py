@@ -29,7 +29,7 @@ def test_a_missing_model_folder_says_how_to_make_it(config, tmp_path):
 
 def test_an_unreadable_model_says_what_to_do(config, tmp_path):
     (tmp_path / "config.json").write_text("{ not json")
-    with pytest.raises(ModelUnavailable, match="not a readable causal LM"):
+    with pytest.raises(ModelUnavailable, match="not a readable causal or encoder-decoder LM"):
         load_policy(tmp_path, config.model)
 
 
@@ -66,3 +66,18 @@ def test_the_embedded_tokenizer_is_read_once_and_kept_the_same(tmp_path, monkeyp
         assert tokenizer(text)["input_ids"] == reference(text)["input_ids"]
         assert tokenizer.apply_chat_template(messages, tokenize=False) == reference.apply_chat_template(messages, tokenize=False)
         assert (tokenizer.eos_token_id, tokenizer.pad_token_id, len(tokenizer)) == (reference.eos_token_id, reference.pad_token_id, len(reference))
+
+
+def test_a_fully_fine_tuned_policy_loads_in_place_of_the_base(tiny_model_dir, config, tmp_path):
+    """Evaluation loads what training saved: without LoRA that is the whole model, not an adapter."""
+    import torch
+
+    from cosmocore.trainer import build_learner, save_policy
+
+    model, tokenizer = load_policy(tiny_model_dir, config.model)
+    learner = build_learner(model, config.train.model_copy(update={"lora": False}), tokenizer.pad_token_id, 1.0)
+    with torch.no_grad():
+        learner.model.lm_head.weight.add_(0.5)  # tied to the embeddings: a change every forward pass sees
+    save_policy(learner, tmp_path / "policy")
+    trained, _ = load_policy(tiny_model_dir, config.model, trained=tmp_path / "policy")
+    torch.testing.assert_close(trained.lm_head.weight, learner.model.lm_head.weight)

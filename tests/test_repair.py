@@ -71,9 +71,7 @@ def test_repair_prompt_shows_the_attempt_and_the_error(tiny_model_dir):
 
 
 def test_repair_at_k_and_mean_rounds(tiny_model_dir, config, monkeypatch):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model, tokenizer = load_policy(tiny_model_dir, config.model)  # the model only encodes prompts here
     tasks = {t.task_id: t for t in map(_task, ["fa", "fb", "fc", "fd"])}
     fixed_at = {"fa": 1, "fb": 2, "fc": None}  # fd passed already: not a repair candidate
     asked: dict[str, list[str]] = {name: [] for name in fixed_at}
@@ -95,7 +93,7 @@ def test_repair_at_k_and_mean_rounds(tiny_model_dir, config, monkeypatch):
                     _trajectory(tasks["t/fc"], "def fc(x):\n    return y", "runtime_error", error="NameError: name 'y' is not defined"),
                     _trajectory(tasks["t/fd"], "def fd(x):\n    return x + 1", "passed", error="")]
     sandbox = PlusOneSandbox()
-    result = repair(None, tokenizer, tasks, trajectories, sandbox, config.rollout, "chat", rounds=3, ks=[1, 2, 3])
+    result = repair(model, tokenizer, tasks, trajectories, sandbox, config.rollout, "chat", rounds=3, ks=[1, 2, 3])
     metrics = result["metrics"]
     assert metrics["repair_samples"] == 3
     assert metrics["repair_at_1"] == pytest.approx(1 / 3) and metrics["repair_at_2"] == pytest.approx(2 / 3)

@@ -1,5 +1,6 @@
-"""The rollout engine on the tiny model: every sample carries what tag and train need, consistent with a
-fresh forward pass; shared prefill; bad input (long prompts, empty generations, out of memory)."""
+"""The rollout engine on the tiny models (decoder-only, and encoder-decoder where the contract is the
+same): every sample carries what tag and train need, consistent with a fresh forward pass; shared
+prefill; bad input (long prompts, empty generations, out of memory)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cosmocore import causal, sampling
 from cosmocore import rollout as engine
 from cosmocore.models import load_policy
-from cosmocore.policy import score
+from cosmocore.policy import encode, score
 from cosmocore.records import Task
 from cosmocore.rollout import RunIds, rollout
 from cosmocore.sandbox import ExecResult
+from cosmocore.seq2seq import decoder_start, split
 
 IDS = RunIds(run="test", variant="cosmocore", seed=0, iteration=0)
 
@@ -45,20 +48,42 @@ def tiny(tiny_model_dir, config):
     return load_policy(tiny_model_dir, config.model)
 
 
-def _fresh(model, prompt, completion, temperature):
-    ids = torch.tensor([prompt + completion])
+@pytest.fixture(scope="module", params=["tiny_model_dir", "tiny_t5_dir"], ids=["causal", "seq2seq"])
+def any_policy(request, config):
+    return load_policy(request.getfixturevalue(request.param), config.model)
+
+
+def _fresh(model, prompt: list[int], completion: list[int], temperature: float):
+    """Log-probs, mean entropy and pooled hidden state of one completion, and the last hidden state before
+    it (the critic's state), from one unbatched forward pass straight through the model: prompt and
+    completion, or for an encoder-decoder model the prompt's encoder part, then its decoder part and
+    the completion."""
     with torch.no_grad():
-        out = model(input_ids=ids, output_hidden_states=True)
-    logits = out.logits[0, len(prompt) - 1 : -1].float() / temperature
-    log_dist = F.log_softmax(logits, -1)
+        if model.config.is_encoder_decoder:
+            encoder, given = split(prompt, decoder_start(model))
+            out = model(input_ids=torch.tensor([encoder]), decoder_input_ids=torch.tensor([given + completion]),
+                        output_hidden_states=True)
+            last, n = out.decoder_hidden_states[-1][0], len(given)
+        else:
+            out = model(input_ids=torch.tensor([prompt + completion]), output_hidden_states=True)
+            last, n = out.hidden_states[-1][0], len(prompt)
+    log_dist = F.log_softmax(out.logits[0, n - 1 : -1].float() / temperature, -1)
     logprobs = log_dist.gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
     entropy = -(log_dist.exp() * log_dist).sum(-1).mean()
-    hidden = out.hidden_states[-1][0, len(prompt) :].float().mean(0)
-    return logprobs, entropy, hidden
+    return logprobs, entropy, last[n:].float().mean(0), last[n - 1]
 
 
-def test_rollout_records_match_a_fresh_forward_pass(tiny, config):
-    model, tokenizer = tiny
+def assert_like_fresh(model, prompt: list[int], ids: list[int], logprobs: list[float], mean_entropy: float,
+                      hidden: list[float], temperature: float) -> None:
+    """What the engine recorded for a completion is what a fresh forward pass says about it."""
+    fresh_logprobs, entropy, fresh_hidden, _ = _fresh(model, prompt, ids, temperature)
+    torch.testing.assert_close(torch.tensor(logprobs), fresh_logprobs, atol=1e-4, rtol=1e-4)
+    assert math.isclose(mean_entropy, float(entropy), rel_tol=1e-4, abs_tol=1e-4)
+    torch.testing.assert_close(torch.tensor(hidden), fresh_hidden, atol=1e-4, rtol=1e-4)
+
+
+def test_rollout_records_match_a_fresh_forward_pass(any_policy, config):
+    model, tokenizer = any_policy
     tasks = [_task(0), _task(1, "def long_name_function(values, threshold):\n    \"\"\"Filter values.\"\"\"\n"), _task(2)]
     cfg = config.rollout.model_copy(update={"max_new_tokens": 10, "batch_size": 5})
     sandbox = FakeSandbox()
@@ -70,10 +95,7 @@ def test_rollout_records_match_a_fresh_forward_pass(tiny, config):
         assert 0 < len(t.completion_ids) <= 10
         assert len(t.behaviour_logprobs) == len(t.completion_ids)
         assert len(t.hidden) == model.config.hidden_size
-        logprobs, entropy, hidden = _fresh(model, t.prompt_ids, t.completion_ids, 0.7)
-        torch.testing.assert_close(torch.tensor(t.behaviour_logprobs), logprobs, atol=1e-4, rtol=1e-4)
-        assert math.isclose(t.mean_entropy, float(entropy), rel_tol=1e-4, abs_tol=1e-4)
-        torch.testing.assert_close(torch.tensor(t.hidden), hidden, atol=1e-4, rtol=1e-4)
+        assert_like_fresh(model, t.prompt_ids, t.completion_ids, t.behaviour_logprobs, t.mean_entropy, t.hidden, 0.7)
     # the batched scorer the trainer uses agrees with what the rollout stored
     with torch.no_grad():
         scored = score(model, [t.prompt_ids for t in trajectories], [t.completion_ids for t in trajectories],
@@ -100,18 +122,18 @@ def test_a_tasks_samples_share_one_prefill(tiny, config, monkeypatch):
     assert widths == [2]  # two unique prompts prefilled for eight samples
 
 
-def test_sampling_is_seeded(tiny, config):
-    model, tokenizer = tiny
+def test_sampling_is_seeded(any_policy, config):
+    model, tokenizer = any_policy
     cfg = config.rollout.model_copy(update={"max_new_tokens": 8})
     runs = [rollout(model, tokenizer, [_task(0)], FakeSandbox(), cfg, config.reward, "completion", IDS,
-                    samples_per_task=3, seed=5, with_scores=False)[0] for _ in range(2)]
-    assert [t.completion_ids for t in runs[0]] == [t.completion_ids for t in runs[1]]
+                    samples_per_task=3, seed=seed, with_scores=False)[0] for seed in (5, 5, 6)]
+    assert [t.completion_ids for t in runs[0]] == [t.completion_ids for t in runs[1]] != [t.completion_ids for t in runs[2]]
     assert all(t.behaviour_logprobs == [] and math.isnan(t.mean_entropy) for t in runs[0])
 
 
-def test_a_stop_rule_ends_rows_as_soon_as_it_holds(tiny, config):
-    model, tokenizer = tiny
-    prompts = [tokenizer("def f(x):\n", add_special_tokens=False)["input_ids"]] * 3
+def test_a_stop_rule_ends_rows_as_soon_as_it_holds(any_policy, config):
+    model, tokenizer = any_policy
+    prompts = [encode(model, tokenizer, "def f(x):\n")] * 3
     cfg = config.rollout.model_copy(update={"max_new_tokens": 12})
     seen = []
 
@@ -123,8 +145,8 @@ def test_a_stop_rule_ends_rows_as_soon_as_it_holds(tiny, config):
     assert len(seen) >= 3 and [len(s.ids) for s in drawn] == [1, 1, 1]
 
 
-def test_long_prompts_are_truncated_or_skipped_and_counted(tiny, config):
-    model, tokenizer = tiny
+def test_long_prompts_are_truncated_or_skipped_and_counted(any_policy, config):
+    model, tokenizer = any_policy
     long_task = _task(1, "def g(x):\n    \"\"\"" + "word " * 200 + "\"\"\"\n")
     for policy, expected in (("truncate", 2), ("skip", 1)):
         cfg = config.rollout.model_copy(update={"max_new_tokens": 4, "max_prompt_tokens": 64, "on_long_prompt": policy})
@@ -139,9 +161,9 @@ def test_empty_generation_is_no_code_not_a_crash(tiny, config, monkeypatch):
     def nothing(model, tokenizer, groups, *args, **kwargs):  # every row ends at once with end-of-sequence
         for g, (_, rows) in enumerate(groups):
             for m in range(rows):
-                yield g, m, engine.Sampled([tokenizer.eos_token_id], [-0.1], [1.0], [0.0] * model.config.hidden_size)
+                yield g, m, sampling.Sampled([tokenizer.eos_token_id], [-0.1], [1.0], [0.0] * model.config.hidden_size)
 
-    monkeypatch.setattr(engine, "_stream", nothing)
+    monkeypatch.setattr(causal, "stream", nothing)
     sandbox = FakeSandbox()
     trajectories, _ = rollout(model, tokenizer, [_task(0)], sandbox, config.rollout, config.reward, "chat", IDS, samples_per_task=2)
     assert [t.outcome for t in trajectories] == ["no_code", "no_code"]
@@ -151,7 +173,7 @@ def test_empty_generation_is_no_code_not_a_crash(tiny, config, monkeypatch):
 
 def test_out_of_memory_halves_the_batch(tiny, config, monkeypatch):
     model, tokenizer = tiny
-    real = engine._stream
+    real = causal.stream
     capacities = []
 
     def flaky(model, tokenizer, groups, cfg, style, greedy, temperature, with_scores, capacity, stop):
@@ -161,7 +183,7 @@ def test_out_of_memory_halves_the_batch(tiny, config, monkeypatch):
                 raise torch.OutOfMemoryError("simulated")
             yield item
 
-    monkeypatch.setattr(engine, "_stream", flaky)
+    monkeypatch.setattr(causal, "stream", flaky)
     cfg = config.rollout.model_copy(update={"max_new_tokens": 4, "batch_size": 8})
     trajectories, _ = rollout(model, tokenizer, [_task(0), _task(1)], FakeSandbox(), cfg, config.reward, "completion", IDS,
                               samples_per_task=4)
@@ -179,10 +201,7 @@ def test_continuous_batching_refills_and_matches_a_fresh_forward(tiny, config):
     sampled = engine._sample(model, tokenizer, prompts, cfg, "completion", greedy=False, temperature=0.9, with_scores=True)
     assert len(sampled) == len(prompts)
     for prompt, s in zip(prompts, sampled):
-        logprobs, entropy, hidden = _fresh(model, prompt, s.ids, 0.9)
-        torch.testing.assert_close(torch.tensor(s.logprobs), logprobs, atol=1e-4, rtol=1e-4)
-        assert math.isclose(s.mean_entropy, float(entropy), rel_tol=1e-4, abs_tol=1e-4)
-        torch.testing.assert_close(torch.tensor(s.hidden), hidden, atol=1e-4, rtol=1e-4)
+        assert_like_fresh(model, prompt, s.ids, s.logprobs, s.mean_entropy, s.hidden, 0.9)
     greedy = engine._sample(model, tokenizer, prompts, cfg, "completion", greedy=True, temperature=1.0, with_scores=False)
     alone = [engine._sample(model, tokenizer, [p], cfg, "completion", greedy=True, temperature=1.0, with_scores=False)[0] for p in prompts[:4]]
     assert [s.ids for s in greedy[:4]] == [s.ids for s in alone] == [s.ids for s in greedy[4:]]
@@ -196,10 +215,10 @@ def test_nucleus_sampling_keeps_the_transformers_semantics(monkeypatch):
     log_dist = F.log_softmax(logits, -1)
     kept = TopPLogitsWarper(top_p=0.9)(None, logits.clone()) > -float("inf")
     for candidates in (8, 400):  # the flat row's nucleus is wider than 8 candidates: the full sort takes over
-        monkeypatch.setattr(engine, "NUCLEUS_CANDIDATES", candidates)
+        monkeypatch.setattr(sampling, "NUCLEUS_CANDIDATES", candidates)
         drawn = torch.zeros_like(kept)
         for _ in range(300):
-            tokens = engine._top_p_sample(log_dist, 0.9)
+            tokens = sampling.top_p_sample(log_dist, 0.9)
             drawn[torch.arange(4), tokens] = True
         assert not (drawn & ~kept).any()  # never outside the nucleus ...
         assert drawn[:3].sum() >= kept[:3].sum() * 0.5  # ... and spread over it

@@ -1,5 +1,6 @@
 """Rollout throughput: plain `model.generate`, one prompt at a time, against the rollout engine, side by
-side in one run, on the same HumanEval chat prompts, model, max tokens and sampling settings.
+side in one run, on the same HumanEval prompts (chat or completion, as `model.prompt_style` resolves),
+model, max tokens and sampling settings.
 
 (a) plain: for every task and sample, `model.generate` on that one prompt (sampling with the rollout
     temperature and top-p and no top-k, as the engine does, up to `max_new_tokens`, stopping at
@@ -10,7 +11,9 @@ side in one run, on the same HumanEval chat prompts, model, max tokens and sampl
 Completed programs per second is measured from prompts to extracted programs (stopping a sample as soon
 as its program is complete counts as a gain); the engine's rollouts per second also include execution.
 The roof is the measured fp32 matrix-multiply FLOP/s over 2 × parameters (one multiply-add per parameter
-per generated token).
+per generated token); for an encoder-decoder model, whose encoder runs once per prompt, it is lower than
+what the decoder alone allows. Either architecture runs through the same engine entry point
+(`policy.stream` picks its decode loop) and the same baseline.
 
     python -m cosmocore.bench.rollout [--model DIR] [--tasks 8] [--samples 4]     (or: cosmocore bench rollout)
 
@@ -28,7 +31,9 @@ import torch
 
 from cosmocore.config import load_params
 from cosmocore.datasets import load_humaneval
+from cosmocore.family import implementation
 from cosmocore.models import load_policy, materialise
+from cosmocore.policy import encode
 from cosmocore.prompts import build_prompt, extract_code, program_for, resolve_style
 from cosmocore.rollout import RunIds, rollout
 from cosmocore.sandbox import Sandbox
@@ -57,14 +62,15 @@ def run_plain(model, tokenizer, tasks, cfg, style, samples: int, seed: int) -> d
     tokens, programs = 0, []
     start = time.perf_counter()
     for task in tasks:
-        ids = tokenizer(build_prompt(task, tokenizer, style), add_special_tokens=False, return_tensors="pt")["input_ids"]
-        ids = ids[:, -cfg.max_prompt_tokens :]
+        prompt = encode(model, tokenizer, build_prompt(task, tokenizer, style))[-cfg.max_prompt_tokens :]
+        inputs = implementation(model.config).generate_inputs(model, prompt)
+        given = inputs.get("decoder_input_ids", inputs["input_ids"]).shape[1]  # what the output repeats
         for _ in range(samples):
             with torch.no_grad():
-                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.max_new_tokens,
-                                     do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
-                                     pad_token_id=tokenizer.pad_token_id)
-            completion = out[0, ids.shape[1] :].tolist()
+                out = model.generate(**inputs, attention_mask=torch.ones_like(inputs["input_ids"]),
+                                     max_new_tokens=cfg.max_new_tokens, do_sample=True, temperature=cfg.temperature,
+                                     top_p=cfg.top_p, top_k=0, pad_token_id=tokenizer.pad_token_id)
+            completion = out[0, given:].tolist()
             tokens += len(completion)
             text = tokenizer.decode(completion, skip_special_tokens=True)
             programs.append(program_for(task, extract_code(text, style), style))
@@ -105,7 +111,7 @@ def main() -> None:
         params = sum(p.numel() for p in model.parameters())
         style = resolve_style(config.model.prompt_style, tokenizer)
         tasks = pick_tasks(args.tasks)
-        lengths = [len(tokenizer(build_prompt(t, tokenizer, style), add_special_tokens=False)["input_ids"]) for t in tasks]
+        lengths = [len(encode(model, tokenizer, build_prompt(t, tokenizer, style))) for t in tasks]
         flops = matmul_flops()
         roof = flops / (2 * params)
         print(f"{len(tasks)} HumanEval tasks × {samples} samples, {style} prompts of {min(lengths)}–{max(lengths)} tokens, "
