@@ -41,7 +41,8 @@ from cosmocore.sandbox import ExecRequest, ExecResult, Sandbox
 
 HUMANEVAL_TIMEOUT_S = 3.0  # the harness's own wall-clock timeout per sample (its README's default)
 BCB_TIMEOUT_S = 240.0  # BigCodeBench's TIMEOUT per task
-DEFAULT_BCB_PATH = "/work/shared/data/bigcodebench/BigCodeBench-v0.1.0.jsonl.gz"
+# The shared test data beside the repository (`../shared/data/bigcodebench`, one .jsonl.gz inside).
+DEFAULT_BCB_PATH = str(Path(__file__).resolve().parents[3] / "shared" / "data" / "bigcodebench")
 VARIANTS = ("canonical", "return_none", "off_by_one", "raise")
 
 # Disagreements that are understood: key -> (reason, the test in tests/test_agreement.py that shows it).
