@@ -49,6 +49,11 @@ def encode(model, tokenizer, text: str, answer_prefix: str = "") -> list[int]:
     return implementation(model.config).encode(model, tokenizer, text, answer_prefix)
 
 
+def generate_inputs(model, prompt_ids: list[int]) -> dict:
+    """`model.generate`'s inputs for one prompt written by `encode` (the rollout benchmark's baseline)."""
+    return implementation(model.config).generate_inputs(model, prompt_ids)
+
+
 def score(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int, temperature: float = 1.0) -> Scored:
     """Score completions under `model` (gradients flow when enabled by the caller)."""
     return implementation(model.config).score(model, prompt_ids, completion_ids, pad_id, temperature)

@@ -31,9 +31,8 @@ import torch
 
 from cosmocore.config import load_params
 from cosmocore.datasets import load_humaneval
-from cosmocore.family import implementation
 from cosmocore.models import load_policy, materialise
-from cosmocore.policy import encode
+from cosmocore.policy import encode, generate_inputs
 from cosmocore.prompts import build_prompt, extract_code, program_for, resolve_style
 from cosmocore.rollout import RunIds, rollout
 from cosmocore.sandbox import Sandbox
@@ -63,7 +62,7 @@ def run_plain(model, tokenizer, tasks, cfg, style, samples: int, seed: int) -> d
     start = time.perf_counter()
     for task in tasks:
         prompt = encode(model, tokenizer, build_prompt(task, tokenizer, style))[-cfg.max_prompt_tokens :]
-        inputs = implementation(model.config).generate_inputs(model, prompt)
+        inputs = generate_inputs(model, prompt)
         given = inputs.get("decoder_input_ids", inputs["input_ids"]).shape[1]  # what the output repeats
         for _ in range(samples):
             with torch.no_grad():
