@@ -159,12 +159,18 @@ def _unshare_namespaces() -> list[str]:
     return [*user, "--pid", "--net", "--ipc", "--uts", "--mount", "--fork", "--kill-child", "--mount-proc"]
 
 
+def _tool(name: str) -> str | None:
+    """The isolation tool's absolute path, found on the caller's PATH: workers start with a PATH of their
+    own (`JAIL_ENV`), which misses a bubblewrap installed in, say, ~/.local/bin or a conda environment."""
+    return shutil.which(name)
+
+
 def _available(isolation: str) -> bool:
     if isolation == "bwrap":
-        return shutil.which("bwrap") is not None and _probe(
-            ["bwrap", *_bwrap_namespaces(), "--ro-bind", "/", "/", "--", "true"])
+        return _tool("bwrap") is not None and _probe(
+            [_tool("bwrap"), *_bwrap_namespaces(), "--ro-bind", "/", "/", "--", "true"])
     if isolation == "unshare":
-        return shutil.which("unshare") is not None and _probe(["unshare", *_unshare_namespaces(), "true"])
+        return _tool("unshare") is not None and _probe([_tool("unshare"), *_unshare_namespaces(), "true"])
     return True
 
 
@@ -243,7 +249,7 @@ class _Jail:
         if self.isolation == "bwrap":
             return [*self._bwrap_argv(env), *python], {}, None
         if self.isolation == "unshare":
-            return ["unshare", *_unshare_namespaces(), *python], env, scratch
+            return [_tool("unshare"), *_unshare_namespaces(), *python], env, scratch
         return python, env, scratch
 
     def _host_scratch(self, uid: int | None) -> str:
@@ -253,7 +259,7 @@ class _Jail:
         return folder
 
     def _bwrap_argv(self, env: dict[str, str]) -> list[str]:
-        argv = ["bwrap", *_bwrap_namespaces(), "--die-with-parent", "--new-session", "--ro-bind", "/", "/"]
+        argv = [_tool("bwrap"), *_bwrap_namespaces(), "--die-with-parent", "--new-session", "--ro-bind", "/", "/"]
         # The caller's home and repository (keys, data, checkpoints) and any configured folder are
         # replaced by empty ones; what the interpreter needs from them is shown again, read-only.
         hidden = {Path.home().resolve(), WORKER_SCRIPT.resolve().parent.parent,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import textwrap
 
 import pytest
@@ -592,6 +593,21 @@ def test_each_sample_starts_from_a_clean_scratch(sandbox):
     for _ in range(4):  # both workers, twice
         result = run(sandbox, litter, "def check(candidate):\n    assert candidate(1) == 2\n")
         assert result.outcome == "passed", result.stderr
+
+
+@pytest.mark.parametrize("isolation", ["bwrap", "unshare"])
+def test_the_isolation_tool_is_the_one_on_the_callers_path(config, isolation, tmp_path, monkeypatch):
+    """A bubblewrap found only on the caller's PATH (~/.local/bin, a conda environment) starts the
+    workers too, not only the availability probe: the workers' own PATH would miss it."""
+    calls = tmp_path / "calls"
+    wrapper = tmp_path / "bin" / isolation
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nexec {shutil.which(isolation)} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{wrapper.parent}:{os.environ['PATH']}")
+    with Sandbox(config.model_copy(update={"isolation": isolation, "workers": 1, "preload_modules": []})) as pool:
+        assert run(pool, ADD_ONE).outcome == "passed"
+    assert any("sandbox_worker" in line for line in calls.read_text().splitlines())
 
 
 @pytest.mark.parametrize("isolation", ["unshare", "none"])
