@@ -26,7 +26,7 @@ from transformers.cache_utils import DynamicLayer
 
 from cosmocore.config import RolloutConfig
 from cosmocore.policy import Scored, token_scores
-from cosmocore.sampling import NextTokens, Row, finish
+from cosmocore.sampling import NextTokens, Row, decoding, finish
 
 
 def encode(model, tokenizer, text: str, answer_prefix: str = "") -> list[int]:
@@ -195,7 +195,7 @@ def stream(model, tokenizer, groups: list[tuple[list[int], int]], cfg: RolloutCo
     queue = list(range(len(groups)))
     rows: list[Row] = []
     cache = attention = next_pos = logits = hidden_sum = None
-    with torch.no_grad():
+    with decoding():
         while queue or rows:
             admit, room = [], capacity - len(rows)
             while queue and (groups[queue[0]][1] <= room or not rows and not admit):

@@ -8,15 +8,29 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cosmocore.config import RolloutConfig
 from cosmocore.prompts import is_complete
 
 NUCLEUS_CANDIDATES = 256  # top-p looks at the most likely tokens first, and sorts the vocabulary only when needed
+# Attention kernels for the decode loops: all of PyTorch's but cuDNN's, which builds an execution plan
+# for every new sequence length, and each decoding step makes the KV cache one longer. On an H100, a
+# step of SmolLM2-135M at 16 rows took 85-95 ms with it and 26-32 ms without (the same shapes in eager
+# attention: 34 ms).
+DECODE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+@contextmanager
+def decoding():
+    """The context a decode loop runs in: no gradients, and attention kernels that suit a cache that grows."""
+    with torch.no_grad(), sdpa_kernel(DECODE_ATTENTION):
+        yield
 
 
 @dataclass

@@ -27,7 +27,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from cosmocore.config import RolloutConfig
 from cosmocore.models import ModelUnavailable
 from cosmocore.policy import Scored, token_scores
-from cosmocore.sampling import NextTokens, Row, finish
+from cosmocore.sampling import NextTokens, Row, decoding, finish
 
 
 def decoder_start(model) -> int:
@@ -131,7 +131,7 @@ def _decode(model, groups, parts, batch: list[int], next_tokens: NextTokens, pad
     index = torch.tensor([i for i, g in enumerate(batch) for _ in range(groups[g][1])], device=device)
     rows = [Row(g, m) for g in batch for m in range(groups[g][1])]
     cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-    with torch.no_grad():
+    with decoding():
         encoded = model.get_encoder()(input_ids=encoder_ids, attention_mask=encoder_mask).last_hidden_state[index]
         mask = encoder_mask[index]
 

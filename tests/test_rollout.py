@@ -145,6 +145,23 @@ def test_a_stop_rule_ends_rows_as_soon_as_it_holds(any_policy, config):
     assert len(seen) >= 3 and [len(s.ids) for s in drawn] == [1, 1, 1]
 
 
+def test_decoding_runs_without_cudnn_attention(any_policy, config):
+    """cuDNN's attention plans for every new sequence length, so the decode loops leave it out (3x the
+    step time on an H100, see `sampling.DECODE_ATTENTION`), and only while they run."""
+    model, tokenizer = any_policy
+    enabled = []
+
+    def never(text: str) -> bool:
+        enabled.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return False
+
+    cfg = config.rollout.model_copy(update={"max_new_tokens": 3})
+    engine.sample(model, tokenizer, [encode(model, tokenizer, "def f(x):\n")], cfg, "completion", greedy=True,
+                  temperature=1.0, stop=never)
+    assert enabled and not any(enabled)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
 def test_long_prompts_are_truncated_or_skipped_and_counted(any_policy, config):
     model, tokenizer = any_policy
     long_task = _task(1, "def g(x):\n    \"\"\"" + "word " * 200 + "\"\"\"\n")
