@@ -158,10 +158,12 @@ def pick_device(cfg: ModelConfig) -> torch.device:
 
 
 def pick_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    """`auto`: bf16 on a GPU that has it, else fp32. Not fp16: the policy is trained in the dtype it is
+    loaded in, with no loss scaling, and T5's activations (CodeT5) overflow fp16's range."""
     if cfg.dtype != "auto":
         return getattr(torch, cfg.dtype)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
     return torch.float32
 
 

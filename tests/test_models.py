@@ -1,8 +1,9 @@
 """The model loader: each way of naming a policy, and a clear error for each way it can be missing."""
 
 import pytest
+import torch
 
-from cosmocore.models import ModelUnavailable, embedded_gguf, load_policy, materialise
+from cosmocore.models import ModelUnavailable, embedded_gguf, load_policy, materialise, pick_dtype
 
 
 def test_the_embedded_gguf_ships_with_its_package():
@@ -81,3 +82,12 @@ def test_a_fully_fine_tuned_policy_loads_in_place_of_the_base(tiny_model_dir, co
     save_policy(learner, tmp_path / "policy")
     trained, _ = load_policy(tiny_model_dir, config.model, trained=tmp_path / "policy")
     torch.testing.assert_close(trained.lm_head.weight, learner.model.lm_head.weight)
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_auto_dtype_is_bf16_where_the_gpu_has_it_and_never_fp16(config, monkeypatch, bf16):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+    auto = config.model.model_copy(update={"dtype": "auto"})
+    assert pick_dtype(auto, torch.device("cuda")) == (torch.bfloat16 if bf16 else torch.float32)
+    assert pick_dtype(auto, torch.device("cpu")) == torch.float32
+    assert pick_dtype(auto.model_copy(update={"dtype": "float16"}), torch.device("cuda")) == torch.float16
