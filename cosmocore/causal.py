@@ -176,6 +176,29 @@ def _pad_left(mask: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([mask.new_zeros((mask.shape[0], n)), mask], dim=1)
 
 
+def prefill(model, prompts: list[list[int]], pad_id: int, reserve: int):
+    """Run left-padded prompts into a fresh cache that has room for `reserve` more positions; returns the
+    cache, the attention mask, the position ids and the logits after each prompt's last token."""
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    input_ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=device)
+    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    positions = (attention.cumsum(1) - 1).clamp(min=0)
+    cache = _new_cache(reserve)
+    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
+                use_cache=True, logits_to_keep=1)
+    return cache, attention, positions, out.logits[:, -1]
+
+
+def decode_step(model, tokens: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor, cache, hidden: bool):
+    """Feed each row its next token at `positions`: returns the model's output (logits of the next one,
+    and the hidden states when `hidden`) and the attention mask, one column longer."""
+    attention = torch.cat([attention, attention.new_ones((len(tokens), 1))], dim=1)
+    out = model(input_ids=tokens[:, None], attention_mask=attention, position_ids=positions[:, None],
+                past_key_values=cache, use_cache=True, logits_to_keep=1, output_hidden_states=hidden)
+    return out, attention
+
+
 def stream(model, tokenizer, groups: list[tuple[list[int], int]], cfg: RolloutConfig, style: str, greedy: bool,
            temperature: float, with_scores: bool, capacity: int, stop: Callable[[str], bool] | None = None):
     """The decode loop, with continuous batching. `groups` are (prompt ids, rows): a task's k samples
@@ -202,17 +225,10 @@ def stream(model, tokenizer, groups: list[tuple[list[int], int]], cfg: RolloutCo
                 room -= groups[queue[0]][1]
                 admit.append(queue.pop(0))
             if admit:  # prefill the admitted prompts once each, then give every row its copy by index
-                prompts = [groups[g][0] for g in admit]
-                width = max(len(p) for p in prompts)
-                input_ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=device)
-                new_attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-                positions = (new_attention.cumsum(1) - 1).clamp(min=0)
-                new_cache = _new_cache(reserve)
-                out = model(input_ids=input_ids, attention_mask=new_attention, position_ids=positions,
-                            past_key_values=new_cache, use_cache=True, logits_to_keep=1)
+                new_cache, new_attention, positions, last = prefill(model, [groups[g][0] for g in admit], pad_id, reserve)
                 index = torch.tensor([i for i, g in enumerate(admit) for _ in range(groups[g][1])], device=device)
                 new_cache.batch_select_indices(index)
-                new_logits = out.logits[:, -1].float()[index]
+                new_logits = last.float()[index]
                 new_pos = positions[index, -1] + 1
                 new_hidden = new_logits.new_zeros((len(index), model.config.hidden_size)) if with_scores else None
                 if rows:
@@ -230,9 +246,7 @@ def stream(model, tokenizer, groups: list[tuple[list[int], int]], cfg: RolloutCo
                 done = [False] * len(rows)
                 if not rows:
                     continue
-            attention = torch.cat([attention, attention.new_ones((len(rows), 1))], dim=1)
-            out = model(input_ids=tokens[:, None], attention_mask=attention, position_ids=next_pos[:, None],
-                        past_key_values=cache, use_cache=True, logits_to_keep=1, output_hidden_states=with_scores)
+            out, attention = decode_step(model, tokens, attention, next_pos, cache, with_scores)
             next_pos = next_pos + 1
             logits = out.logits[:, -1].float()
             if with_scores:  # the hidden state at each fed completion token, pooled by mean as `score` does
