@@ -11,7 +11,7 @@ import sys
 from cosmocore.config import load_params, write_sections
 from cosmocore.errors import CosmoCoreError
 
-BENCHMARKS = ("sandbox", "rollout", "buffer", "agreement")
+BENCHMARKS = ("sandbox", "rollout", "decode", "buffer", "agreement")
 
 
 def _config(args) -> None:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from cosmocore import causal, sampling
 from cosmocore import rollout as engine
+from cosmocore.bench import decode as decode_bench
 from cosmocore.models import load_policy
 from cosmocore.policy import encode, score
 from cosmocore.records import Task
@@ -239,3 +240,10 @@ def test_nucleus_sampling_keeps_the_transformers_semantics(monkeypatch):
             drawn[torch.arange(4), tokens] = True
         assert not (drawn & ~kept).any()  # never outside the nucleus ...
         assert drawn[:3].sum() >= kept[:3].sum() * 0.5  # ... and spread over it
+
+
+def test_the_decode_bench_times_steps_of_the_engines_own_pass(tiny):
+    model, _ = tiny
+    for kernels in ("decode", "all"):
+        seconds, cache_length = decode_bench.step_seconds(model, rows=3, prompt=20, steps=4, kernels=kernels)
+        assert seconds > 0 and cache_length == 20 + decode_bench.WARMUP_STEPS + 4
