@@ -26,7 +26,7 @@ from transformers.cache_utils import DynamicLayer
 
 from cosmocore.config import RolloutConfig
 from cosmocore.policy import Scored, token_scores
-from cosmocore.sampling import NextTokens, Row, decoding, finish
+from cosmocore.sampling import NextTokens, Row, decoding, finish, select
 
 
 def encode(model, tokenizer, text: str, answer_prefix: str = "") -> list[int]:
@@ -242,7 +242,7 @@ def stream(model, tokenizer, groups: list[tuple[list[int], int]], cfg: RolloutCo
             if not with_scores and any(done):  # finished rows need no further step
                 finished, keep = finish(rows, done, None)
                 yield from finished
-                rows, tokens, attention, next_pos, _ = _select(cache, keep, rows, tokens, attention, next_pos, None)
+                rows, tokens, attention, next_pos = select(cache, keep, rows, tokens, attention, next_pos)
                 done = [False] * len(rows)
                 if not rows:
                     continue
@@ -254,13 +254,5 @@ def stream(model, tokenizer, groups: list[tuple[list[int], int]], cfg: RolloutCo
                 if any(done):
                     finished, keep = finish(rows, done, hidden_sum)
                     yield from finished
-                    rows, _, attention, next_pos, hidden_sum = _select(cache, keep, rows, None, attention, next_pos, hidden_sum)
-                    logits = logits[keep]
-
-
-def _select(cache, keep: list[int], rows, tokens, attention, next_pos, hidden_sum):
-    index = torch.tensor(keep, device=attention.device, dtype=torch.long)
-    if keep:
-        cache.batch_select_indices(index)
-    picked = [t[index] if t is not None else None for t in (tokens, attention, next_pos, hidden_sum)]
-    return [rows[k] for k in keep], *picked
+                    rows, attention, next_pos, hidden_sum, logits = select(cache, keep, rows, attention, next_pos, hidden_sum,
+                                                                           logits)

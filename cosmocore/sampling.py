@@ -1,6 +1,6 @@
 """What every decode loop does with one step's logits, whatever the model's architecture: pick each row's
 next token (greedy, or nucleus sampling at a temperature), record what the behaviour policy said about
-it, and decide which rows are finished. The decoder-only engine (`causal.stream`) and the
+it, decide which rows are finished, and keep the rest. The decoder-only engine (`causal.stream`) and the
 encoder-decoder one (`seq2seq.stream`) differ only in how they get the logits.
 """
 
@@ -156,3 +156,13 @@ def finish(rows: list[Row], done: list[bool], hidden_sum: torch.Tensor | None) -
                                             (hidden_sum[pos] / len(r.ids)).tolist() if hidden_sum is not None else []))
                 for pos, (r, d) in enumerate(zip(rows, done)) if d]
     return finished, [pos for pos, d in enumerate(done) if not d]
+
+
+def select(cache, keep: list[int], rows: list[Row], *tensors: torch.Tensor):
+    """Keep the rows at positions `keep` (those that go on): in the KV cache, the row list and each of
+    `tensors` (one row per batch row)."""
+    if len(keep) == len(rows):
+        return rows, *tensors
+    index = torch.tensor(keep, device=tensors[0].device, dtype=torch.long)
+    cache.batch_select_indices(index)
+    return [rows[k] for k in keep], *(t[index] for t in tensors)

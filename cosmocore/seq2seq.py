@@ -27,7 +27,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from cosmocore.config import RolloutConfig
 from cosmocore.models import ModelUnavailable
 from cosmocore.policy import Scored, token_scores
-from cosmocore.sampling import NextTokens, Row, decoding, finish
+from cosmocore.sampling import NextTokens, Row, decoding, finish, select
 
 
 def decoder_start(model) -> int:
@@ -148,7 +148,7 @@ def _decode(model, groups, parts, batch: list[int], next_tokens: NextTokens, pad
                 yield from finished
                 if not keep:
                     return
-                rows, tokens, encoded, mask = _select(cache, keep, rows, tokens, encoded, mask)
+                rows, tokens, encoded, mask = select(cache, keep, rows, tokens, encoded, mask)
             out = step(tokens[:, None])
             logits = out.logits[:, -1].float()
             if with_scores:
@@ -157,13 +157,4 @@ def _decode(model, groups, parts, batch: list[int], next_tokens: NextTokens, pad
                 yield from finished
                 if not keep:
                     return
-                rows, logits, hidden_sum, encoded, mask = _select(cache, keep, rows, logits, hidden_sum, encoded, mask)
-
-
-def _select(cache: EncoderDecoderCache, keep: list[int], rows: list[Row], *tensors: torch.Tensor):
-    """Keep the rows at positions `keep`: in the cache, the row list and each of `tensors`."""
-    if len(keep) == len(rows):
-        return rows, *tensors
-    index = torch.tensor(keep, device=tensors[0].device)
-    cache.batch_select_indices(index)
-    return [rows[k] for k in keep], *(t[index] for t in tensors)
+                rows, logits, hidden_sum, encoded, mask = select(cache, keep, rows, logits, hidden_sum, encoded, mask)
