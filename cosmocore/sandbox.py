@@ -159,18 +159,12 @@ def _unshare_namespaces() -> list[str]:
     return [*user, "--pid", "--net", "--ipc", "--uts", "--mount", "--fork", "--kill-child", "--mount-proc"]
 
 
-def _tool(name: str) -> str | None:
-    """The isolation tool's absolute path, found on the caller's PATH: workers start with a PATH of their
-    own (`JAIL_ENV`), which misses a bubblewrap installed in, say, ~/.local/bin or a conda environment."""
-    return shutil.which(name)
-
-
 def _available(isolation: str) -> bool:
     if isolation == "bwrap":
-        return _tool("bwrap") is not None and _probe(
-            [_tool("bwrap"), *_bwrap_namespaces(), "--ro-bind", "/", "/", "--", "true"])
+        return shutil.which("bwrap") is not None and _probe(
+            [shutil.which("bwrap"), *_bwrap_namespaces(), "--ro-bind", "/", "/", "--", "true"])
     if isolation == "unshare":
-        return _tool("unshare") is not None and _probe([_tool("unshare"), *_unshare_namespaces(), "true"])
+        return shutil.which("unshare") is not None and _probe([shutil.which("unshare"), *_unshare_namespaces(), "true"])
     return True
 
 
@@ -246,10 +240,12 @@ class _Jail:
         script = f"{JAIL_WORKER_DIR}/{WORKER_SCRIPT.name}" if self.isolation == "bwrap" else str(WORKER_SCRIPT)
         python = [sys.executable, "-s", "-P", script, json.dumps(settings)]
         env = {**JAIL_ENV, "HOME": scratch, "TMPDIR": scratch}
+        # The isolation tool by the path found on the caller's PATH: the worker's own (`JAIL_ENV`, or
+        # none under bwrap) misses one installed in, say, ~/.local/bin or a conda environment.
         if self.isolation == "bwrap":
             return [*self._bwrap_argv(env), *python], {}, None
         if self.isolation == "unshare":
-            return [_tool("unshare"), *_unshare_namespaces(), *python], env, scratch
+            return [shutil.which("unshare"), *_unshare_namespaces(), *python], env, scratch
         return python, env, scratch
 
     def _host_scratch(self, uid: int | None) -> str:
@@ -259,7 +255,7 @@ class _Jail:
         return folder
 
     def _bwrap_argv(self, env: dict[str, str]) -> list[str]:
-        argv = [_tool("bwrap"), *_bwrap_namespaces(), "--die-with-parent", "--new-session", "--ro-bind", "/", "/"]
+        argv = [shutil.which("bwrap"), *_bwrap_namespaces(), "--die-with-parent", "--new-session", "--ro-bind", "/", "/"]
         # The caller's home and repository (keys, data, checkpoints) and any configured folder are
         # replaced by empty ones; what the interpreter needs from them is shown again, read-only.
         hidden = {Path.home().resolve(), WORKER_SCRIPT.resolve().parent.parent,
