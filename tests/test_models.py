@@ -71,8 +71,6 @@ def test_the_embedded_tokenizer_is_read_once_and_kept_the_same(tmp_path, monkeyp
 
 def test_a_fully_fine_tuned_policy_loads_in_place_of_the_base(tiny_model_dir, config, tmp_path):
     """Evaluation loads what training saved: without LoRA that is the whole model, not an adapter."""
-    import torch
-
     from cosmocore.trainer import build_learner, save_policy
 
     model, tokenizer = load_policy(tiny_model_dir, config.model)
