@@ -120,9 +120,16 @@ class RolloutConfig(Section):
     max_new_tokens: PositiveInt
     temperature: Positive
     top_p: Annotated[float, Field(gt=0.0, le=1.0)]
-    batch_size: PositiveInt
+    batch_size: int | Literal["auto"]
     max_prompt_tokens: PositiveInt
     on_long_prompt: Literal["truncate", "skip"]
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _batch_size(cls, value: object) -> object:
+        if value != "auto" and not (type(value) is int and value > 0):
+            raise ValueError("must be auto or a positive number of rows")
+        return value
 
 
 RewardValue = Annotated[float, Field(ge=-1.0, le=1.0)]

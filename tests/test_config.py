@@ -49,6 +49,8 @@ def test_smoke_profile_overrides_only_what_it_changes():
         (lambda raw: raw["study"].__setitem__("variants", ["cosmo"]), "study.variants"),
         (lambda raw: raw.__setitem__("profile", "nightly"), "profile"),
         (lambda raw: raw["model"].__setitem__("device", "gpu"), "model.device"),
+        (lambda raw: raw["rollout"].__setitem__("batch_size", "max"), "rollout.batch_size"),
+        (lambda raw: raw["rollout"].__setitem__("batch_size", 0), "rollout.batch_size"),
     ],
 )
 def test_bad_params_fail_naming_the_key(change, key):

@@ -5,6 +5,7 @@ prefill; bad input (long prompts, empty generations, out of memory)."""
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -247,3 +248,25 @@ def test_the_decode_bench_times_steps_of_the_engines_own_pass(tiny):
     for kernels in ("decode", "all"):
         seconds, cache_length = decode_bench.step_seconds(model, rows=3, prompt=20, steps=4, kernels=kernels)
         assert seconds > 0 and cache_length == 20 + decode_bench.WARMUP_STEPS + 4
+
+
+def test_auto_batch_is_16_rows_on_a_cpu_and_what_gpu_memory_holds_up_to_128(tiny, config):
+    model, _ = tiny
+    cfg = config.rollout.model_copy(update={"batch_size": "auto"})
+    assert engine.engine_rows(cfg, model) == engine.CPU_ROWS == 16
+    assert engine.engine_rows(cfg.model_copy(update={"batch_size": 40}), model) == 40
+    gib = 2**30
+    # SmolLM2-135M in bf16: 30 layers, 3 KV heads of 64, keys and values: 23,040 bytes a token; 768 + 160
+    # tokens, doubled for the cache's growth: 42.8 MB a row
+    smol = SimpleNamespace(num_attention_heads=9, num_key_value_heads=3, hidden_size=576, num_hidden_layers=30)
+    row = engine.kv_cache_bytes(smol, 768 + 160, 2)
+    assert row == 2 * 23_040 * 928
+    assert engine.gpu_rows(78 * gib, row) == engine.GPU_ROWS == 128
+    assert engine.gpu_rows(1 * gib, row) == 12  # half of 1 GiB holds 12 such rows
+    assert engine.gpu_rows(10**6, row) == 1  # never zero: the out-of-memory fallback has the last word
+    # a 7B Llama (32 layers, 32 heads of 128, no grouped KV) after its 13 GiB of weights on an 80 GiB GPU
+    llama7b = SimpleNamespace(num_attention_heads=32, hidden_size=4096, num_hidden_layers=32)
+    assert engine.gpu_rows(66 * gib, engine.kv_cache_bytes(llama7b, 928, 2)) == 36
+    # an encoder-decoder caches the prompt twice more (cross-attention); T5 names its head size d_kv
+    t5 = SimpleNamespace(num_attention_heads=8, d_kv=64, hidden_size=512, num_hidden_layers=6, is_encoder_decoder=True)
+    assert engine.kv_cache_bytes(t5, 100, 4) == 2 * 2 * (2 * 6 * 8 * 64 * 4) * 100

@@ -12,8 +12,9 @@ Completed programs per second is measured from prompts to extracted programs (st
 as its program is complete counts as a gain); the engine's rollouts per second also include execution.
 The roof is the measured fp32 matrix-multiply FLOP/s over 2 × parameters (one multiply-add per parameter
 per generated token); for an encoder-decoder model, whose encoder runs once per prompt, it is lower than
-what the decoder alone allows. Either architecture runs through the same engine entry point
-(`policy.stream` picks its decode loop) and the same baseline.
+what the decoder alone allows. On a GPU no roof is given (a CPU's matrix multiply says nothing of it).
+Either architecture runs through the same engine entry point (`policy.stream` picks its decode loop)
+and the same baseline.
 
     python -m cosmocore.bench.rollout [--model DIR] [--tasks 8] [--samples 4]     (or: cosmocore bench rollout)
 
@@ -34,7 +35,7 @@ from cosmocore.datasets import load_humaneval
 from cosmocore.models import load_policy, materialise
 from cosmocore.policy import encode, generate_inputs
 from cosmocore.prompts import build_prompt, extract_code, program_for, resolve_style
-from cosmocore.rollout import RunIds, rollout
+from cosmocore.rollout import RunIds, engine_rows, rollout
 from cosmocore.sandbox import Sandbox
 
 
@@ -111,12 +112,14 @@ def main() -> None:
         style = resolve_style(config.model.prompt_style, tokenizer)
         tasks = pick_tasks(args.tasks)
         lengths = [len(encode(model, tokenizer, build_prompt(t, tokenizer, style))) for t in tasks]
-        flops = matmul_flops()
-        roof = flops / (2 * params)
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        flops = matmul_flops() if on_cpu else None
+        roof = flops / (2 * params) if on_cpu else None
         print(f"{len(tasks)} HumanEval tasks × {samples} samples, {style} prompts of {min(lengths)}–{max(lengths)} tokens, "
-              f"max_new_tokens {cfg.max_new_tokens}, temperature {cfg.temperature}, top_p {cfg.top_p}, engine batch {cfg.batch_size}")
-        print(f"model {params / 1e6:.0f}M parameters; {torch.get_num_threads()} torch threads, load {os.getloadavg()[0]:.2f}; "
-              f"matmul {flops / 1e9:.1f} GFLOP/s → roof {roof:.0f} tokens/s")
+              f"max_new_tokens {cfg.max_new_tokens}, temperature {cfg.temperature}, top_p {cfg.top_p}, "
+              f"engine batch {engine_rows(cfg, model)} (rollout.batch_size {cfg.batch_size})")
+        print(f"model {params / 1e6:.0f}M parameters on {next(model.parameters()).device}; {torch.get_num_threads()} torch threads, "
+              f"load {os.getloadavg()[0]:.2f}" + (f"; matmul {flops / 1e9:.1f} GFLOP/s → roof {roof:.0f} tokens/s" if on_cpu else ""))
         with Sandbox(config.sandbox) as sandbox:
             engine = run_engine(model, tokenizer, tasks, cfg, config.reward, sandbox, style, samples, args.seed)
         plain = None if args.engine_only else run_plain(model, tokenizer, tasks, cfg, style, samples, args.seed)
@@ -126,7 +129,7 @@ def main() -> None:
         if row is None:
             continue
         rate = row["tokens"] / row.get("generate_s", row["wall_s"])
-        print(f"{name:10}{row['programs'] / row['wall_s']:>12.3f}{rate:>10.1f}{rate / roof:>7.0%}{row['tokens']:>8}"
+        print(f"{name:10}{row['programs'] / row['wall_s']:>12.3f}{rate:>10.1f}{f'{rate / roof:.0%}' if roof else '-':>7}{row['tokens']:>8}"
               f"{row['with_code']:>11}{row['wall_s']:>8.1f}")
     print(f"engine rollouts/s including sandbox execution: {engine['programs'] / engine['rollout_s']:.3f} "
           f"({engine['passed']}/{engine['programs']} passed)")
