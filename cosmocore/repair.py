@@ -85,12 +85,7 @@ def repair(model, tokenizer, tasks_by_id: dict[str, Task], failed_trajectories: 
                 too_long += 1
                 ids = ids[-cfg.max_prompt_tokens :]  # keeps the error and the request to fix it
             prompts.append(ids)
-        order = sorted(range(len(active)), key=lambda i: len(prompts[i]))  # group by length
-        completions: list[list[int]] = [[] for _ in active]
-        for b in range(0, len(order), cfg.batch_size):
-            chunk = order[b : b + cfg.batch_size]
-            for i, completion in zip(chunk, generate(model, tokenizer, [prompts[i] for i in chunk], cfg, style, greedy, temperature)):
-                completions[i] = completion
+        completions = generate(model, tokenizer, prompts, cfg, style, greedy, temperature)  # batched by the engine
         texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
         codes = [extract_code(text, style) for text in texts]
         requests = [ExecRequest(s["task_id"], program_for(s["task"], code, style), s["task"].test, s["task"].entry_point,
