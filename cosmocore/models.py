@@ -193,5 +193,6 @@ def load_policy(folder: str | os.PathLike, cfg: ModelConfig, trained: str | os.P
     if adapter:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, trained, is_trainable=False)
+        # merged into the weights, as training's rollouts sample it (`Learner.sampler`, which says why)
+        model = PeftModel.from_pretrained(model, trained, is_trainable=False).merge_and_unload()
     return model.to(device).eval(), tokenizer

@@ -152,12 +152,14 @@ def train(variant: str, seed: int, tasks_path: str = "data/prepared/train.jsonl"
         while state.iteration < cfg.train.iterations:
             i = state.iteration
             ids = RunIds(run=key, variant=variant, seed=seed, iteration=i)
-            trajectories, tokens_per_s = _step(rollout_task, learner.model, tokenizer, tasks, sandbox, cfg, style, ids, processes)
+            sampler = learner.sampler()
+            trajectories, tokens_per_s = _step(rollout_task, sampler, tokenizer, tasks, sandbox, cfg, style, ids, processes)
             metrics = {**rollout_metrics(trajectories), "rollout_tokens_per_s": tokens_per_s}
             if variant in ALIGNMENT_VARIANTS:
-                answers, align_metrics = _step(align_task, learner.model, tokenizer, tasks, trajectories, sandbox, cfg, style,
+                answers, align_metrics = _step(align_task, sampler, tokenizer, tasks, trajectories, sandbox, cfg, style,
                                                ids, processes)
                 trajectories, metrics = trajectories + answers, metrics | align_metrics
+            del sampler  # its memory goes back before the nocturnal phase
             metrics |= _step(tag_task, trajectories, state, cfg, seed, processes)
             metrics |= _step(gate_task, buffer, trajectories)
             metrics |= _step(nocturnal_task, learner, buffer, variant, cfg, i)

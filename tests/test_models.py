@@ -82,6 +82,25 @@ def test_a_fully_fine_tuned_policy_loads_in_place_of_the_base(tiny_model_dir, co
     torch.testing.assert_close(trained.lm_head.weight, learner.model.lm_head.weight)
 
 
+def test_a_lora_policy_loads_merged_and_scores_as_it_trained(tiny_model_dir, config, tmp_path):
+    """Evaluation loads a LoRA policy with its adapters merged into the weights: the same function, fewer kernels."""
+    from cosmocore.policy import score
+    from cosmocore.trainer import save_policy
+    from tests.test_trainer import learner_with_live_adapters
+
+    learner, tokenizer = learner_with_live_adapters(tiny_model_dir, config)
+    save_policy(learner, tmp_path / "policy")
+    evaluated, _ = load_policy(tiny_model_dir, config.model, trained=tmp_path / "policy")
+    assert not any("lora" in name for name, _ in evaluated.named_modules())
+    prompts, completions = [[5, 6, 7, 8], [9, 10, 11]], [[12, 13], [14, 15, 16]]
+    with torch.no_grad():
+        expected = score(learner.model.eval(), prompts, completions, tokenizer.pad_token_id).logprobs
+        base = score(load_policy(tiny_model_dir, config.model)[0], prompts, completions, tokenizer.pad_token_id).logprobs
+        merged = score(evaluated, prompts, completions, tokenizer.pad_token_id).logprobs
+    torch.testing.assert_close(merged, expected)
+    assert not torch.allclose(base, expected, atol=1e-3)  # the adapters mattered
+
+
 @pytest.mark.parametrize("bf16", [True, False])
 def test_auto_dtype_is_bf16_where_the_gpu_has_it_and_never_fp16(config, monkeypatch, bf16):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
