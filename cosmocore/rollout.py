@@ -76,7 +76,8 @@ def kv_cache_bytes(config, tokens: int, element_size: int) -> int:
     head_dim = getattr(config, "head_dim", None) or getattr(config, "d_kv", None) or config.hidden_size // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     caches = 2 if is_encoder_decoder(config) else 1
-    return 2 * caches * 2 * config.num_hidden_layers * kv_heads * head_dim * element_size * tokens
+    per_token = caches * 2 * config.num_hidden_layers * kv_heads * head_dim * element_size  # keys and values, every layer
+    return 2 * per_token * tokens
 
 
 def _groups(items: list[tuple[object, list[int]]], capacity: int) -> tuple[list[tuple[list[int], int]], list[list[object]]]:

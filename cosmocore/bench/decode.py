@@ -5,7 +5,8 @@ under the attention kernels the decode loops use (`sampling.decoding`: all of Py
 and under all of PyTorch's. Sampling and the sandbox are left out.
 
 On a CPU the step grows with the rows (matrix work). On a GPU a step of a small model is bound by the
-launch of its kernels, so it hardly grows with the rows: raise `rollout.batch_size` until it does.
+launch of its kernels, so it hardly grows with the rows: why `rollout.batch_size: auto` decodes 128 rows
+on a GPU. Time your own GPU's rows here before setting a number instead.
 
     python -m cosmocore.bench.decode [--model DIR] [--rows 16,64] [--prompt 600] [--steps 30]
 

@@ -112,13 +112,14 @@ def main() -> None:
         style = resolve_style(config.model.prompt_style, tokenizer)
         tasks = pick_tasks(args.tasks)
         lengths = [len(encode(model, tokenizer, build_prompt(t, tokenizer, style))) for t in tasks]
-        on_cpu = next(model.parameters()).device.type == "cpu"
+        device = next(model.parameters()).device
+        on_cpu = device.type == "cpu"
         flops = matmul_flops() if on_cpu else None
         roof = flops / (2 * params) if on_cpu else None
         print(f"{len(tasks)} HumanEval tasks × {samples} samples, {style} prompts of {min(lengths)}–{max(lengths)} tokens, "
               f"max_new_tokens {cfg.max_new_tokens}, temperature {cfg.temperature}, top_p {cfg.top_p}, "
               f"engine batch {engine_rows(cfg, model)} (rollout.batch_size {cfg.batch_size})")
-        print(f"model {params / 1e6:.0f}M parameters on {next(model.parameters()).device}; {torch.get_num_threads()} torch threads, "
+        print(f"model {params / 1e6:.0f}M parameters on {device}; {torch.get_num_threads()} torch threads, "
               f"load {os.getloadavg()[0]:.2f}" + (f"; matmul {flops / 1e9:.1f} GFLOP/s → roof {roof:.0f} tokens/s" if on_cpu else ""))
         with Sandbox(config.sandbox) as sandbox:
             engine = run_engine(model, tokenizer, tasks, cfg, config.reward, sandbox, style, samples, args.seed)
