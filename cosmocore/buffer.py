@@ -171,19 +171,52 @@ def gate(valence: ArrayLike, arousal: ArrayLike, cfg: BufferConfig, prune_valenc
 
 @dataclass(frozen=True)
 class Serving:
-    """How a variant fills and serves the buffer.
+    """How a variant fills and serves the buffer, and which baseline its advantages are taken against.
 
     sampling: `in_order` (only the latest batch, each entry served once per pass), `uniform`,
-    `priority` (∝ p^α over everything) or `dream_mix` (the CosmoCore 80/20 mix, with gates).
+    `priority` (∝ p^α over everything), `dream_mix` (the CosmoCore 80/20 mix, with gates), and two
+    on-policy schemes that recent work reports working for RL on code and math:
+      - `difficulty`: only the latest batch, each slot drawn in proportion to its task's reward
+        variance in that batch, p(1−p) for pass/fail rewards (online difficulty filtering: Bae et al.
+        2025, "Online Difficulty Filtering for Reasoning Oriented Reinforcement Learning"; DAPO's
+        dynamic sampling drops the zero-variance groups outright). Groups that all score alike carry no
+        group-relative gradient and are never drawn.
+      - `success_replay`: the latest batch in order, plus `buffer.success_replay_share` × B more rows per
+        minibatch drawn uniformly from successes kept from earlier batches on hard tasks (those of
+        which at most `buffer.success_max_pass_rate` of the samples passed): ExGRPO (Zhan et al. 2025,
+        "ExGRPO: Learning to Reason from Experience") and RePO (Li et al. 2025, "RePO: Replay-Enhanced
+        Policy Optimization"), which replay a weak policy's rare successes so that they are not lost.
     drop_pruned: whether the Prune Bin is deleted (True) or kept in the regular pool.
+    baseline: what the advantage `reward − baseline` subtracts (`loop.set_baselines`):
+      - `expected`: the task's running mean reward (the affect tagger's E_t), refreshed before every
+        nocturnal phase, so a replayed entry is judged against what the policy now expects of its task
+        (a Dream Queue failure keeps a negative advantage); the critic V(s) takes over once it explains
+        `train.critic_min_explained_variance` of the reward's variance (`trainer.Learner`).
+      - `group`: the mean reward of the other samples of the same task in the same iteration, GRPO's
+        group-relative advantage (Shao et al. 2024, DeepSeekMath; TRL's GRPOTrainer, verl), without the
+        division by the group's standard deviation (Dr. GRPO, Liu et al. 2025): a group whose samples
+        all score alike gives no gradient.
+      - `negative`: max(reward, 0), so the advantage is min(reward, 0): negative-sample reinforcement
+        (NSR, Zhu et al. 2025, "The Surprising Effectiveness of Negative Reinforcement in LLM
+        Reasoning"), which only pushes failures down and leaves the rest of the distribution alone.
     """
 
-    sampling: Literal["in_order", "uniform", "priority", "dream_mix"]
+    sampling: Literal["in_order", "uniform", "priority", "dream_mix", "difficulty", "success_replay"]
     drop_pruned: bool = False
+    baseline: Literal["expected", "group", "negative"] = "expected"
+
+    @property
+    def on_policy(self) -> bool:
+        """Whether each phase serves the latest batch (each entry once), not a store of older ones."""
+        return self.sampling in ("in_order", "difficulty", "success_replay")
 
 
 SERVING = {
     "on_policy": Serving("in_order"),
+    "grpo": Serving("in_order", baseline="group"),
+    "nsr": Serving("in_order", baseline="negative"),
+    "difficulty": Serving("difficulty", baseline="group"),
+    "success_replay": Serving("success_replay", baseline="group"),
     "coderl_plus": Serving("in_order"),
     "uniform": Serving("uniform"),
     "per": Serving("priority"),
@@ -252,8 +285,10 @@ class ReplayBuffer:
         self._max_td = 0.0
         self._served = 0  # in_order: entries of the latest batch served so far
         self._counters = dict.fromkeys(
-            ("added", "pruned", "evicted", "dream_draws", "rest_draws", "dream_exposure", "rest_exposure"), 0
+            ("added", "pruned", "evicted", "dream_draws", "rest_draws", "dream_exposure", "rest_exposure", "replayed"), 0
         )
+        self._retain = np.zeros(capacity, dtype=bool)  # success_replay: kept after its batch
+        self._batch_start = 0  # insertion number of the latest batch's first entry
 
     def __len__(self) -> int:
         return self._size
@@ -276,17 +311,23 @@ class ReplayBuffer:
         arousal: ArrayLike,
         entropy: ArrayLike,
         td: ArrayLike | None = None,
+        variance: ArrayLike | None = None,
+        retain: ArrayLike | None = None,
     ) -> dict:
         """Gate and store `entries`; returns this add's gate counts and shares, and what was dropped.
 
         `dream`/`regular`/`pruned` are the gates' verdicts whatever the variant (so gate shares are
         comparable across variants); `spared` counts Prune Bin entries the entropy exception keeps;
-        `stored`, `dropped_pruned` and `evicted` say what the variant did.
+        `stored`, `dropped_pruned` and `evicted` say what the variant did. `variance` (each entry's task
+        reward variance in this batch) is what `difficulty` draws by; `retain` marks the entries that
+        `success_replay` keeps after their batch.
         """
         n = len(entries)
         valence, arousal, entropy = (np.asarray(x, dtype=np.float64).reshape(-1) for x in (valence, arousal, entropy))
         td = np.full(n, self._max_td) if td is None else np.abs(np.asarray(td, dtype=np.float64).reshape(-1))
-        if not all(len(x) == n for x in (valence, arousal, entropy, td)):
+        variance = np.zeros(n) if variance is None else np.asarray(variance, dtype=np.float64).reshape(-1)
+        retain = np.zeros(n, dtype=bool) if retain is None else np.asarray(retain, dtype=bool).reshape(-1)
+        if not all(len(x) == n for x in (valence, arousal, entropy, td, variance, retain)):
             raise ValueError(
                 f"add: {n} entries but valence/arousal/entropy/td have lengths "
                 f"{len(valence)}/{len(arousal)}/{len(entropy)}/{len(td)}"
@@ -297,8 +338,11 @@ class ReplayBuffer:
         spared = (verdict == PRUNED) & (entropy > self.cfg.prune_entropy)  # the entropy exception (NaN: none)
         stats["spared"] = int(np.count_nonzero(spared))
 
-        if self.serving.sampling == "in_order":
+        if self.serving.sampling in ("in_order", "difficulty"):
             self._clear()  # on-policy: only the latest batch exists
+        elif self.serving.sampling == "success_replay":
+            self._keep(self._retain[: self._size])  # the latest batch, and the successes kept from earlier ones
+        self._batch_start = self._next_order
         stored_gate = verdict.copy()
         if self.serving.sampling != "dream_mix":
             stored_gate[:] = REGULAR
@@ -316,6 +360,9 @@ class ReplayBuffer:
         self._valence[slots] = valence[survivors]
         self._arousal[slots] = arousal[survivors]
         self._order[slots] = order[survivors]
+        self._retain[slots] = retain[survivors]
+        if self.serving.sampling == "difficulty":
+            self.tree.update(slots, variance[survivors])
         self._set_priority(slots, td[survivors])
         self._n_dream = int(np.count_nonzero(self._gate[: self._size] == DREAM))
 
@@ -342,6 +389,17 @@ class ReplayBuffer:
         freed = np.sort(victims[victims < self._size])
         lost = victims[victims >= self._size] - self._size
         return freed, np.delete(incoming, lost)
+
+    def _keep(self, keep: np.ndarray) -> None:
+        """Drop every stored entry but those `keep` marks, moving the kept ones to the front slots."""
+        kept = np.flatnonzero(keep)
+        self._entries[: len(kept)] = [self._entries[i] for i in kept.tolist()]
+        self._entries[len(kept) : self._size] = [None] * (self._size - len(kept))
+        for column in (self._gate, self._valence, self._arousal, self._order, self._retain):
+            column[: len(kept)] = column[kept]
+        self._gate[len(kept) : self._size] = EMPTY
+        self._size, self._served = len(kept), 0
+        self._n_dream = int(np.count_nonzero(self._gate[: self._size] == DREAM))
 
     def _clear(self) -> None:
         self._entries[: self._size] = [None] * self._size
@@ -373,7 +431,7 @@ class ReplayBuffer:
             if not np.isfinite(largest):
                 raise ValueError("update_priorities: TD errors contain NaN or inf; the critic has diverged")
             self._max_td = max(self._max_td, largest)
-        self._set_priority(indices, abs_td)
+        self._set_priority(indices, abs_td)  # `difficulty` draws by its batch's variances, not by TD
 
     # ---- serving --------------------------------------------------------------------------------
 
@@ -388,6 +446,12 @@ class ReplayBuffer:
         if sampling == "in_order":
             indices = self._next_in_order(batch_size)
             weights = np.ones(batch_size)
+        elif sampling == "difficulty":  # a curriculum the variant asks for, not a bias to correct: no IS weights
+            indices = self.tree.sample(batch_size, self.rng) if self.tree.total > 0 else self.rng.integers(0, self._size, batch_size)
+            weights = np.ones(batch_size)
+        elif sampling == "success_replay":
+            indices = self._sample_success_replay(batch_size)
+            weights = np.ones(len(indices))
         elif sampling == "uniform":
             indices = self.rng.integers(0, self._size, batch_size)
             weights = np.ones(batch_size)
@@ -402,9 +466,30 @@ class ReplayBuffer:
     def _next_in_order(self, batch_size: int) -> np.ndarray:
         """The next entries of the latest batch, in order. Once all have been served a new pass begins
         (the trainer's update budget is the same for every variant); `replay_stats` reports the passes."""
+        latest = self._latest()
         positions = self._served + np.arange(batch_size)
         self._served += batch_size
-        return positions % self._size
+        return latest[positions % len(latest)]
+
+    def _latest(self) -> np.ndarray:
+        """The slots of the latest batch, in the order it was added."""
+        slots = np.flatnonzero(self._order[: self._size] >= self._batch_start)
+        return slots[np.argsort(self._order[slots], kind="stable")]
+
+    @property
+    def latest_size(self) -> int:
+        """Entries of the latest batch stored (what an on-policy phase serves once)."""
+        return int(np.count_nonzero(self._order[: self._size] >= self._batch_start))
+
+    def _sample_success_replay(self, batch_size: int) -> np.ndarray:
+        """The latest batch's next `batch_size` entries in order, and success_replay_share × B kept
+        successes of earlier batches (the count rounded stochastically, as `_sample_dream_mix` does)."""
+        fresh = self._next_in_order(batch_size)
+        kept = np.flatnonzero(self._retain[: self._size] & (self._order[: self._size] < self._batch_start))
+        n_replay = int(np.floor(self.cfg.success_replay_share * batch_size + self.rng.random())) if len(kept) else 0
+        replayed = kept[self.rng.integers(0, len(kept), n_replay)] if n_replay else np.empty(0, dtype=np.int64)
+        self._counters["replayed"] += n_replay
+        return np.concatenate([fresh, replayed])
 
     def _sample_dream_mix(self, batch_size: int, beta: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
         """Each draw: the Dream Queue by priority with probability f, else uniform over the whole buffer.
@@ -463,7 +548,9 @@ class ReplayBuffer:
             "total_added": c["added"],
             "total_pruned": c["pruned"],
             "total_evicted": c["evicted"],
-            "in_order_passes": self._served / self._size if self._size else 0.0,
+            "in_order_passes": self._served / self.latest_size if self.latest_size else 0.0,
+            "kept_successes": int(np.count_nonzero(self._retain[: self._size])),
+            "total_replayed_successes": c["replayed"],
             "dream_replay_rate": dream_rate / rest_rate if rest_rate else float("nan"),
             "prune_valence": self.prune_valence,
         }

@@ -11,7 +11,7 @@ import sys
 from cosmocore.config import load_params, write_sections
 from cosmocore.errors import CosmoCoreError
 
-BENCHMARKS = ("sandbox", "rollout", "decode", "buffer", "agreement")
+BENCHMARKS = ("learning", "sandbox", "rollout", "decode", "buffer", "agreement")
 
 
 def _config(args) -> None:
@@ -28,7 +28,7 @@ def _exec(args) -> None:
 
 
 def _bench(args) -> None:
-    sys.argv = [f"cosmocore.bench.{args.name}"]
+    sys.argv = [f"cosmocore.bench.{args.name}", *args.args]  # the bench parses its own arguments
     runpy.run_module(f"cosmocore.bench.{args.name}", run_name="__main__")
 
 
@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     execute.set_defaults(run=_exec)
     bench = commands.add_parser("bench", help="run a benchmark: " + ", ".join(BENCHMARKS))
     bench.add_argument("name", choices=BENCHMARKS)
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own arguments (cosmocore bench NAME --help)")
     bench.set_defaults(run=_bench)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s %(message)s")

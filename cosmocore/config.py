@@ -20,6 +20,10 @@ from cosmocore.errors import CosmoCoreError
 
 VARIANTS = (
     "on_policy",
+    "grpo",
+    "nsr",
+    "difficulty",
+    "success_replay",
     "uniform",
     "per",
     "cosmocore",
@@ -27,9 +31,7 @@ VARIANTS = (
     "coderl_plus",
     "cosmocore_coderl_plus",
 )
-Variant = Literal[
-    "on_policy", "uniform", "per", "cosmocore", "cosmocore_no_prune", "coderl_plus", "cosmocore_coderl_plus"
-]
+Variant = Literal[VARIANTS]  # each variant's serving and advantage rule: `buffer.SERVING`
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 Positive = Annotated[float, Field(gt=0.0)]
@@ -175,6 +177,8 @@ class BufferConfig(Section):
     confidence_std: Annotated[float, Field(ge=0.0)]
     prune_step: Annotated[float, Field(ge=0.0)]
     prune_valence_max: Fraction
+    success_replay_share: Annotated[float, Field(ge=0.0)]  # `success_replay`: kept successes added per minibatch, × B
+    success_max_pass_rate: Fraction  # `success_replay`: a task is hard when at most this share of its samples passed
 
 
 class TrainConfig(Section):
@@ -188,6 +192,9 @@ class TrainConfig(Section):
     entropy_coef: Annotated[float, Field(ge=0.0)]
     kl_coef: Annotated[float, Field(ge=0.0)]
     value_coef: Annotated[float, Field(ge=0.0)]
+    # The critic V(s) replaces the task's running mean reward as the advantage baseline only once the
+    # share of the reward's variance it explains (an average over its last updates) reaches this.
+    critic_min_explained_variance: Annotated[float, Field(le=1.0)]
     max_grad_norm: Positive
     lora: bool
     lora_rank: PositiveInt
@@ -315,7 +322,8 @@ def resolve_params(raw: dict[str, Any]) -> Config:
         raise _explain(error) from None
 
 
-def load_params(path: str | os.PathLike = "params.yaml") -> Config:
+def load_params(path: str | os.PathLike = "params.yaml", profile: str | None = None) -> Config:
+    """The validated config of `path`, with `profile` (when given) in place of the file's own choice."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path} not found: run from the repository root, or pass --params PATH")
@@ -323,6 +331,8 @@ def load_params(path: str | os.PathLike = "params.yaml") -> Config:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    if profile is not None and isinstance(raw, dict):
+        raw["profile"] = profile
     return resolve_params(raw)
 
 

@@ -82,6 +82,14 @@ class KindMix:
         return self.parts["code"].prune_valence  # both parts are tuned alike
 
     @property
+    def cfg(self) -> BufferConfig:
+        return self.parts["code"].cfg  # the parts differ only in capacity
+
+    @property
+    def latest_size(self) -> int:
+        return sum(part.latest_size for part in self.parts.values())
+
+    @property
     def priority_nbytes(self) -> int:
         return sum(part.priority_nbytes for part in self.parts.values())
 
@@ -92,16 +100,16 @@ class KindMix:
     # ---- filling --------------------------------------------------------------------------------
 
     def add(self, entries: list[dict], valence: ArrayLike, arousal: ArrayLike, entropy: ArrayLike,
-            td: ArrayLike | None = None) -> dict:
+            td: ArrayLike | None = None, variance: ArrayLike | None = None, retain: ArrayLike | None = None) -> dict:
         """Gate and store each entry (a dict with a "kind") in its kind's buffer. Returns what
         `ReplayBuffer.add` does, for the whole add, plus each kind's counts as `<kind>_<count>`.
         Every part is added to, with no rows if need be, so an in-order part drops its stale batch."""
         n = len(entries)
-        columns = [np.asarray(x, dtype=np.float64).reshape(-1) for x in (valence, arousal, entropy)]
-        if td is not None:
-            columns.append(np.asarray(td, dtype=np.float64).reshape(-1))
-        if any(len(column) != n for column in columns):
-            raise ValueError(f"add: {n} entries but valence/arousal/entropy/td have lengths {[len(c) for c in columns]}")
+        columns = {name: np.asarray(x, dtype=np.float64).reshape(-1) for name, x in
+                   (("valence", valence), ("arousal", arousal), ("entropy", entropy), ("td", td), ("variance", variance),
+                    ("retain", retain)) if x is not None}
+        if any(len(column) != n for column in columns.values()):
+            raise ValueError(f"add: {n} entries but {', '.join(columns)} have lengths {[len(c) for c in columns.values()]}")
         kinds = [entry.get("kind") for entry in entries]
         unknown = sorted({str(kind) for kind in kinds} - set(KINDS))
         if unknown:
@@ -110,8 +118,10 @@ class KindMix:
         by_kind: dict[str, int] = {}
         for kind, part in self.parts.items():
             rows = np.array([i for i, k in enumerate(kinds) if k == kind], dtype=np.int64)
-            picked = [column[rows] for column in columns]
-            added = part.add([entries[i] for i in rows], *picked[:3], picked[3] if td is not None else None)
+            picked = {name: column[rows] for name, column in columns.items()}
+            if "retain" in picked:
+                picked["retain"] = picked["retain"].astype(bool)
+            added = part.add([entries[i] for i in rows], **picked)
             for key, value in added.items():
                 if isinstance(value, int):  # counts; shares are recomputed below
                     totals[key] = totals.get(key, 0) + value

@@ -39,7 +39,7 @@ from cosmocore.metrics import (  # noqa: E402
 )
 
 TREATMENT = "cosmocore"
-CONTROLS = ("on_policy", "per", "uniform", "base")
+CONTROLS = ("on_policy", "grpo", "nsr", "difficulty", "success_replay", "per", "uniform", "base")
 N_RESAMPLES = 2000
 ALPHA = 0.05
 POWER = 0.8
@@ -134,15 +134,18 @@ def group_by_variant(policies: Sequence[str]) -> dict[str, list[str]]:
 
 
 def per_task_heldout(samples: pd.DataFrame) -> pd.DataFrame:
-    """Per held-out task, the share of its samples that passed and that are hallucinated.
+    """Per held-out task, the share of its samples that passed, that are hallucinated, that hold no
+    code and that do not parse (a policy that writes nothing also hallucinates nothing).
 
     Their means over tasks are the unbiased pass@1 and, with equal samples per task as the evaluate
-    stage draws, the hallucination rate: so tasks, not samples, are the unit the bootstrap resamples.
+    stage draws, the sample rates: so tasks, not samples, are the unit the bootstrap resamples.
     """
     flags = pd.DataFrame({
         "task_id": samples["task_id"],
         PASS.key: (samples["outcome"] == "passed").astype(float),
         HALLUCINATION.key: samples["hallucinated"].astype(float),
+        "no_code_rate": (samples["outcome"] == "no_code").astype(float),
+        "syntax_error_rate": (samples["outcome"] == "syntax_error").astype(float),
     })
     return flags.groupby("task_id").mean().sort_index()
 

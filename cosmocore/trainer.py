@@ -1,8 +1,14 @@
 """The nocturnal phase: an off-policy actor-critic update of the language model on replayed samples.
 
 The whole update rule is `Learner.update`; everything else here is set-up and checkpointing.
-Every variant (on-policy, uniform, PER, CosmoCore, ...) goes through the same update: they differ only
-in which samples the buffer serves and with which importance-sampling weights.
+Every variant (on-policy, GRPO, NSR, uniform, PER, CosmoCore, ...) goes through the same update: they
+differ in which samples the buffer serves, with which importance-sampling weights, and in the baseline
+each entry's advantage is taken against (`buffer.Serving.baseline`, written by `loop.set_baselines`).
+
+The critic V(s) is fitted from the first update, but trusted as the baseline only once it explains
+`train.critic_min_explained_variance` of the reward's variance: a zero-initialised value head makes
+`reward − V(s)` the reward itself, negative for most samples of a weak policy, so every update would
+push down nearly everything that was sampled (measured: train-task hallucination rose over training).
 """
 
 from __future__ import annotations
@@ -57,8 +63,17 @@ class Learner:
     pad_id: int
     temperature: float
     processes: Processes = SINGLE  # the data-parallel processes this learner trains with
+    use_critic: bool = True  # whether V(s) may replace the entries' baselines once it explains enough
     steps: int = 0
     tokens: int = 0
+    critic_explained_variance: float | None = None  # running mean over updates; None before the first
+
+    CRITIC_EV_DECAY = 0.8  # weight of the running explained variance's past in each update
+
+    @property
+    def critic_trusted(self) -> bool:
+        ev = self.critic_explained_variance
+        return self.use_critic and ev is not None and ev >= self.cfg.critic_min_explained_variance
 
     def trained_parameters(self) -> list[torch.Tensor]:
         """What the optimizer trains: the policy's trainable weights (LoRA adapters, or all) and the value head."""
@@ -98,7 +113,8 @@ class Learner:
         micro = max(1, -(-len(mine) // self.cfg.grad_accumulation))
         weights_all = torch.as_tensor(is_weights, dtype=torch.float32)
         totals = dict.fromkeys(("loss", "policy_loss", "value_loss", "entropy", "kl", "kl_behaviour", "clip_fraction",
-                                "value_mean"), 0.0)
+                                "value_mean", "advantage_mean", "advantage_positive_share", "advantage_zero_share"), 0.0)
+        trusted = self.critic_trusted  # decided before this step's critic fit: fitted before it is trusted
         td_errors = []
         self.optimizer.zero_grad(set_to_none=True)
         for start in range(mine.start, mine.stop, micro):
@@ -116,7 +132,8 @@ class Learner:
             for row, e in enumerate(chunk):
                 behaviour[row, : len(e["behaviour_logprobs"])] = torch.tensor(e["behaviour_logprobs"], device=device)
             value = self.values(state)  # V(s): the prompt's state, not the completion it is judged on
-            advantage = (reward - value).detach()  # advantage = reward − V(s)
+            baseline = value if trusted else torch.tensor([e["baseline"] for e in chunk], dtype=torch.float32, device=device)
+            advantage = (reward - baseline).detach()  # advantage = reward − baseline
             ratio = torch.exp((current.logprobs - behaviour) * mask)  # π_θ / μ per token
             clipped = ratio.clamp(1 - self.cfg.clip_ratio, 1 + self.cfg.clip_ratio)
             surrogate = torch.min(ratio * advantage[:, None], clipped * advantage[:, None])
@@ -140,7 +157,9 @@ class Learner:
             for key, term in (("loss", loss), ("policy_loss", policy_loss), ("value_loss", value_loss), ("entropy", entropy),
                               ("kl", kl), ("kl_behaviour", _masked_mean(torch.exp(log_ratio) - log_ratio - 1, mask)),
                               ("clip_fraction", _masked_mean(((ratio - clipped).abs() > 1e-6).float(), mask)),
-                              ("value_mean", value)):
+                              ("value_mean", value), ("advantage_mean", advantage),
+                              ("advantage_positive_share", (advantage > 0).float()),
+                              ("advantage_zero_share", (advantage == 0).float())):
                 totals[key] += term.mean().item() * share
         self.processes.sum_gradients(self.trained_parameters())
         totals = self.processes.sum(totals)
@@ -149,14 +168,30 @@ class Learner:
         self.steps += 1
         self.tokens += sum(len(e["completion_ids"]) for e in entries)
         self.model.eval()
-        return totals, torch.cat(self.processes.gather(td_errors))
+        td = torch.cat(self.processes.gather(td_errors))
+        totals["explained_variance"] = self._fit_critic_trust([e["reward"] for e in entries], td)
+        totals["critic_trusted"] = float(trusted)
+        return totals, td
+
+    def _fit_critic_trust(self, rewards: list[float], td: torch.Tensor) -> float:
+        """The critic's explained variance on this minibatch, 1 − Var(r − V) / Var(r), measured before
+        the step, folded into the running value that decides whether it is trusted (NaN, and nothing
+        folded, when the rewards do not vary)."""
+        spread = float(torch.tensor(rewards, dtype=torch.float64).var(unbiased=False))
+        if spread < 1e-12:
+            return float("nan")
+        ev = 1.0 - float(td.double().var(unbiased=False)) / spread
+        past = self.critic_explained_variance
+        self.critic_explained_variance = ev if past is None else self.CRITIC_EV_DECAY * past + (1 - self.CRITIC_EV_DECAY) * ev
+        return ev
 
 
 def build_learner(model: nn.Module, cfg: TrainConfig, pad_id: int, temperature: float, seed: int = 0,
-                  processes: Processes = SINGLE) -> Learner:
+                  processes: Processes = SINGLE, use_critic: bool = True) -> Learner:
     """Wrap the policy for training: LoRA adapters through peft, or full fine-tuning. `seed` fixes the
     adapters' random initialisation, so the same seed gives the same run; with several processes every
-    one starts from the main process's weights."""
+    one starts from the main process's weights. `use_critic`: whether the critic may become the
+    advantage baseline (the variants whose baseline is `expected`)."""
     torch.manual_seed(seed)
     reference = None
     if cfg.lora:
@@ -182,7 +217,7 @@ def build_learner(model: nn.Module, cfg: TrainConfig, pad_id: int, temperature: 
             {"params": list(value_head.parameters()), "lr": cfg.value_lr},
         ]
     )
-    return Learner(model, value_head, optimizer, reference, cfg, pad_id, temperature, processes)
+    return Learner(model, value_head, optimizer, reference, cfg, pad_id, temperature, processes, use_critic)
 
 
 def save_policy(learner: Learner, folder: str | os.PathLike) -> None:
@@ -202,7 +237,8 @@ def save_checkpoint(learner: Learner, folder: str | os.PathLike, extra: dict, al
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_policy(learner, tmp)
-    torch.save({"optimizer": learner.optimizer.state_dict(), "steps": learner.steps, "tokens": learner.tokens, **extra},
+    torch.save({"optimizer": learner.optimizer.state_dict(), "steps": learner.steps, "tokens": learner.tokens,
+                "critic_explained_variance": learner.critic_explained_variance, **extra},
                tmp / "trainer_state.pt")
     if also is not None:
         also(tmp)
@@ -226,4 +262,5 @@ def load_checkpoint(learner: Learner, folder: str | os.PathLike) -> dict:
     state = torch.load(folder / "trainer_state.pt", weights_only=False, map_location=device)
     learner.optimizer.load_state_dict(state.pop("optimizer"))
     learner.steps, learner.tokens = state.pop("steps"), state.pop("tokens")
+    learner.critic_explained_variance = state.pop("critic_explained_variance")
     return state

@@ -8,7 +8,6 @@ and the outcome taxonomy of one policy: the base model, or a trained variant and
 from __future__ import annotations
 
 import argparse
-from collections import defaultdict
 from pathlib import Path
 
 import pandas as pd
@@ -17,29 +16,15 @@ from prefect import flow
 from cosmocore.alignment import answer, output_prediction_tasks
 from cosmocore.config import load_config
 from cosmocore.datasets import guard_split
-from cosmocore.metrics import hallucination_rates, mean_pass_at_k, outcome_taxonomy, time_to_correction
+from cosmocore.evaluation import evaluate_policy
+from cosmocore.metrics import time_to_correction
 from cosmocore.models import load_policy
 from cosmocore.prompts import resolve_style
-from cosmocore.records import Trajectory, read_tasks, write_trajectories
-from cosmocore.repair import repair
-from cosmocore.rollout import RunIds, rollout
+from cosmocore.records import read_tasks, write_trajectories
+from cosmocore.rollout import RunIds
 from cosmocore.sandbox import Sandbox
 from flows.common import CONFIG_DIR, file_digest, run_main, write_json
 from flows.tracking import Tracker
-
-
-def summarise(samples: list[Trajectory], ks: list[int], prefix: str) -> dict:
-    by_task: dict[str, list[bool]] = defaultdict(list)
-    for t in samples:
-        by_task[t.task_id].append(t.outcome == "passed")
-    per_task = [(len(v), sum(v)) for v in by_task.values()]
-    n = min(count for count, _ in per_task)
-    metrics = {f"{prefix}pass_at_{k}": mean_pass_at_k(per_task, k) for k in ks if k <= n}
-    rates = hallucination_rates((t.extra.get("static", False), t.extra.get("runtime", False)) for t in samples)
-    metrics |= {f"{prefix}hallucination_{k}" if k != "rate" else f"{prefix}hallucination_rate": v for k, v in rates.items()}
-    metrics |= {f"{prefix}outcome_{k}": v for k, v in outcome_taxonomy(t.outcome for t in samples).items()}
-    metrics[f"{prefix}samples"] = len(samples)
-    return metrics
 
 
 def execution_reasoning(model, tokenizer, tasks, sandbox, cfg, style, ids) -> dict:
@@ -68,22 +53,12 @@ def evaluate_flow(policy: str, tasks_path: str = "data/prepared/eval.jsonl", tra
     variant, _, seed = policy.rpartition("-s") if policy != "base" else ("base", "", "")
     tags = {"policy": policy, "variant": variant, "seed": seed}
     with Sandbox(cfg.sandbox) as sandbox, Tracker(CONFIG_DIR, cfg.tracking, "evaluate", cfg.profile, tags=tags) as tracker:
-        runs = []
-        if cfg.eval.greedy:
-            runs.append(("greedy_", dict(samples_per_task=1, greedy=True)))
-        if cfg.eval.samples_per_task > 1 or not cfg.eval.greedy:
-            runs.append(("", dict(samples_per_task=cfg.eval.samples_per_task, temperature=cfg.eval.temperature)))
-        for prefix, how in runs:
-            samples, engine = rollout(model, tokenizer, tasks, sandbox, cfg.rollout, cfg.reward, style, ids,
-                                      with_scores=False, desc=f"evaluate {policy} {prefix or 'sampled'}", **how)
-            metrics |= summarise(samples, cfg.eval.k, prefix)
-            if cfg.eval.repair_rounds and prefix == runs[0][0]:  # self-repair of the first run's failures
-                fixed = repair(model, tokenizer, {t.task_id: t for t in tasks}, samples, sandbox, cfg.rollout, style,
-                               cfg.eval.repair_rounds, ks=cfg.eval.repair_k, temperature=cfg.eval.temperature)
-                metrics |= {f"{prefix}{k}": v for k, v in fixed["metrics"].items()}
-                pd.DataFrame(fixed["attempts"]).to_parquet(out_dir / f"{prefix or 'sampled_'}repair.parquet")
-            metrics[f"{prefix}tokens_per_s"] = engine["tokens_per_s"]
+        evaluation = evaluate_policy(model, tokenizer, tasks, sandbox, cfg, style, ids, desc=f"evaluate {policy}")
+        metrics |= evaluation.metrics
+        for prefix, samples in evaluation.samples.items():
             write_trajectories(samples, out_dir / f"{prefix or 'sampled_'}samples.parquet")
+        for prefix, attempts in evaluation.repair_attempts.items():
+            pd.DataFrame(attempts).to_parquet(out_dir / f"{prefix or 'sampled_'}repair.parquet")
         if cfg.alignment.eval_tasks:
             metrics |= execution_reasoning(model, tokenizer, tasks, sandbox, cfg, style, ids)
         log_path = Path(runs_root) / policy / "samples_log.parquet"

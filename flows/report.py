@@ -33,7 +33,8 @@ def _rollouts(state_dir: Path) -> pd.DataFrame:
 def read_inputs(profile: str, policies: list[str], horizon: int, greedy: bool, eval_metrics_root: Path,
                 eval_root: Path, runs_root: Path, horizon_updates: int | None = None) -> ReportInputs:
     """Everything the report is made from, read from the evaluate and train stages' outputs; TTC
-    horizons in iterations and (when given) in optimizer updates."""
+    horizons in iterations and (when given) in optimizer updates. `greedy`: compare the greedy
+    programs, else the sampled ones."""
     decoding = "greedy" if greedy else "sampled"
     trained = [p for p in policies if p != "base"]
     logs = {p: runs_root / p / "samples_log.parquet" for p in trained}
@@ -55,7 +56,9 @@ def report_flow(eval_metrics_root: str = "data/metrics/eval", eval_root: str = "
                 out_dir: str = "data/report", metrics_path: str = "data/metrics/heldout.json") -> dict:
     cfg = load_config(CONFIG_DIR)
     policies = ["base"] + [f"{v}-s{s}" for v in cfg.study.variants for s in cfg.study.seeds]
-    inputs = read_inputs(cfg.profile, policies, cfg.train.iterations, cfg.eval.greedy, Path(eval_metrics_root),
+    # The sampled programs where there are several per task (the powered comparison), else the greedy ones.
+    greedy = cfg.eval.greedy and cfg.eval.samples_per_task == 1
+    inputs = read_inputs(cfg.profile, policies, cfg.train.iterations, greedy, Path(eval_metrics_root),
                          Path(eval_root), Path(runs_root), horizon_updates=cfg.train.updates_budget)
     write_json(metrics_path, {p: {k: v for k, v in m.items() if k in HEADLINE or "pass_at_" in k or "repair_" in k}
                               for p, m in inputs.eval_metrics.items()})

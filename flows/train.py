@@ -20,7 +20,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -32,17 +31,16 @@ from prefect.context import FlowRunContext
 
 import cosmocore
 from cosmocore.config import ModelConfig, load_config
-from cosmocore.distributed import Processes, is_main_process, launched_world_size, start, uses_cpu
+from cosmocore.distributed import is_main_process, launched_world_size, start, uses_cpu
 from cosmocore.errors import CosmoCoreError
-from cosmocore.loop import LoopState, align, gate, nocturnal, rollout_metrics, sample_iteration, tag
-from cosmocore.mixing import ALIGNMENT_VARIANTS, load_buffer, make_buffer
+from cosmocore.buffer import SERVING
+from cosmocore.loop import LoopState, Training, run_iteration
+from cosmocore.mixing import load_buffer, make_buffer
 from cosmocore.models import load_policy
 from cosmocore.prompts import resolve_style
-from cosmocore.records import read_tasks, trajectories_to_frame, write_trajectories
-from cosmocore.rollout import RunIds
+from cosmocore.records import read_tasks, write_trajectories
 from cosmocore.sandbox import Sandbox
 from cosmocore.trainer import build_learner, load_checkpoint, save_checkpoint, save_policy
-from cosmocore.validation import raise_for_failures, validate_trajectories
 from flows.common import CONFIG_DIR, die_with_parent, file_digest, run_main, write_json
 from flows.tracking import Tracker
 
@@ -50,46 +48,13 @@ TRAINING_SECTIONS = ("model", "rollout", "reward", "affect", "buffer", "train", 
 TRAINING_CODE = (*sorted(Path(cosmocore.__file__).parent.glob("*.py")), Path(__file__))
 
 
-def _step(prefect_task, *args):
+def _step(function, *args):
     """Run one step of the iteration: as a Prefect task in the flow run (the main process), as a plain
-    function in the other processes of a multi-process run, which have no flow run: N processes make
-    one flow run and one set of task runs, not N."""
-    return prefect_task(*args) if FlowRunContext.get() else prefect_task.fn(*args)
-
-
-@task(cache_policy=NO_CACHE)
-def rollout_task(policy, tokenizer, tasks, sandbox, cfg, style, ids: RunIds, processes: Processes):
-    return sample_iteration(policy, tokenizer, tasks, sandbox, cfg.rollout, cfg.reward, style, ids, processes)
-
-
-@task(cache_policy=NO_CACHE)
-def align_task(policy, tokenizer, tasks, trajectories, sandbox, cfg, style, ids: RunIds, processes: Processes):
-    """CodeRL+: questions about what this iteration's programs compute, answered by the policy."""
-    return align(policy, tokenizer, tasks, trajectories, sandbox, cfg.alignment, cfg.rollout, style, ids, processes)
-
-
-@task(cache_policy=NO_CACHE)
-def tag_task(trajectories, state, cfg, seed, processes: Processes):
-    _, metrics = tag(trajectories, state, cfg.affect, seed, processes)
-    if processes.is_main:  # the others received the same trajectories
-        raise_for_failures(validate_trajectories(trajectories_to_frame(trajectories)), "tagged trajectories")
-    return metrics
-
-
-@task(cache_policy=NO_CACHE)
-def gate_task(buffer, trajectories):
-    return gate(buffer, trajectories)
-
-
-@task(cache_policy=NO_CACHE)
-def nocturnal_task(learner, buffer, variant, cfg, iteration):
-    start = time.perf_counter()
-    tokens_before = learner.tokens
-    metrics = nocturnal(learner, buffer, variant, cfg.train, iteration)
-    elapsed = time.perf_counter() - start
-    metrics["train_steps_per_s"] = metrics["updates"] / elapsed
-    metrics["train_tokens_per_s"] = (learner.tokens - tokens_before) / elapsed
-    return metrics
+    call in the other processes of a multi-process run, which have no flow run: N processes make one
+    flow run and one set of task runs, not N."""
+    if FlowRunContext.get():
+        return task(function, name=function.__name__, cache_policy=NO_CACHE)(*args)
+    return function(*args)
 
 
 def _fingerprint(variant: str, seed: int, tasks_path: Path, model_dir: Path) -> str:
@@ -134,7 +99,8 @@ def train(variant: str, seed: int, tasks_path: str = "data/prepared/train.jsonl"
     tasks = read_tasks(tasks_path)
     policy, tokenizer = load_policy(model_dir, processes.model_config(cfg.model))
     style = resolve_style(cfg.model.prompt_style, tokenizer)
-    learner = build_learner(policy, cfg.train, tokenizer.pad_token_id, cfg.rollout.temperature, seed=seed, processes=processes)
+    learner = build_learner(policy, cfg.train, tokenizer.pad_token_id, cfg.rollout.temperature, seed=seed, processes=processes,
+                            use_critic=SERVING[variant].baseline == "expected")
     buffer, state = make_buffer(cfg.buffer, variant, seed, cfg.alignment.share), LoopState()
     if checkpoint is not None:
         state = LoopState(**load_checkpoint(learner, checkpoint)["loop"])
@@ -149,26 +115,10 @@ def train(variant: str, seed: int, tasks_path: str = "data/prepared/train.jsonl"
                             "rollout": cfg.rollout.model_dump(), "model.source": cfg.model.source,
                             "processes": processes.world})
     with Sandbox(processes.sandbox_config(cfg.sandbox), slot=processes.local_rank) as sandbox, tracker or nullcontext():
+        run = Training(cfg, variant, seed, tasks, tokenizer, style, sandbox, learner, buffer, state, processes)
         while state.iteration < cfg.train.iterations:
-            i = state.iteration
-            ids = RunIds(run=key, variant=variant, seed=seed, iteration=i)
-            sampler = learner.sampler()
-            trajectories, tokens_per_s = _step(rollout_task, sampler, tokenizer, tasks, sandbox, cfg, style, ids, processes)
-            metrics = {**rollout_metrics(trajectories), "rollout_tokens_per_s": tokens_per_s}
-            if variant in ALIGNMENT_VARIANTS:
-                answers, align_metrics = _step(align_task, sampler, tokenizer, tasks, trajectories, sandbox, cfg, style,
-                                               ids, processes)
-                trajectories, metrics = trajectories + answers, metrics | align_metrics
-            del sampler  # its memory goes back before the nocturnal phase
-            metrics |= _step(tag_task, trajectories, state, cfg, seed, processes)
-            metrics |= _step(gate_task, buffer, trajectories)
-            metrics |= _step(nocturnal_task, learner, buffer, variant, cfg, i)
-            processes.check_identical(learner.trained_parameters(), "weights")
-            metrics["iteration"], metrics["optimizer_steps"] = i, learner.steps
-            state.history.append(metrics)
-            state.samples_log += [{"iteration": i, "task_id": t.task_id, "outcome": t.outcome, "hallucinated": t.hallucinated,
-                                   "optimizer_steps": learner.steps} for t in trajectories if t.kind == "code"]
-            state.iteration = i + 1
+            trajectories, metrics, per_update = run_iteration(run, _step)
+            i = state.iteration - 1
             if processes.is_main:
                 write_trajectories(trajectories, state_dir / "rollouts" / f"iter_{i}.parquet")
                 save_checkpoint(learner, state_dir / f"iter_{i}", {"loop": dataclasses.asdict(state)},
@@ -176,6 +126,8 @@ def train(variant: str, seed: int, tasks_path: str = "data/prepared/train.jsonl"
                 for old in sorted(state_dir.glob("iter_*[0-9]"), key=lambda p: int(p.name.split("_")[1]))[: -cfg.train.keep_checkpoints]:
                     shutil.rmtree(old)
                 tracker.log_metrics(metrics, step=i)
+                for update in per_update:  # at the optimizer step, beside the per-iteration means
+                    tracker.log_metrics({k: v for k, v in update.items() if k != "step"}, step=update["step"], prefix="update_")
                 print(f"{key} iteration {i}: pass {metrics['train_pass_rate']:.3f} halluc {metrics['train_hallucination_rate']:.3f} "
                       f"reward {metrics['train_reward']:.3f} dream {metrics.get('gate_dream_share', 0):.2f} "
                       f"pruned {metrics.get('gate_pruned', 0)}")
@@ -186,8 +138,10 @@ def train(variant: str, seed: int, tasks_path: str = "data/prepared/train.jsonl"
             save_policy(learner, run_dir / "policy")
             pd.DataFrame(state.samples_log).to_parquet(run_dir / "samples_log.parquet", index=False)
             pd.DataFrame(state.history).to_csv(run_dir / "history.csv", index=False)
+            pd.DataFrame(state.updates).to_csv(run_dir / "updates.csv", index=False)
             write_json(run_dir / "train_metrics.json", final)
             tracker.log_artifact(run_dir / "history.csv")
+            tracker.log_artifact(run_dir / "updates.csv")
     processes.barrier()
     return final
 

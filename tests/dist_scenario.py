@@ -78,8 +78,8 @@ def run(out: Path, model_dir: Path) -> None:
     for i in range(ITERATIONS):
         trajectories = made_up_rollouts(learner.model, tokenizer.pad_token_id, i, processes, cfg.rollout.temperature)
         tag(trajectories, state, cfg.affect, SEED, processes)
-        gate(buffer, trajectories)
-        phases.append(nocturnal(learner, buffer, VARIANT, cfg.train, i))
+        gate(buffer, trajectories, VARIANT, state.expected)
+        phases.append(nocturnal(learner, buffer, VARIANT, cfg.train, i, state.expected)[0])
         state.iteration = i + 1
     out.mkdir(parents=True, exist_ok=True)
     parameters = learner.trained_parameters()

@@ -147,13 +147,13 @@ def test_alignment_samples_train_at_the_configured_share(variant, cfg, tasks, sa
 
         trajectories = code + answers
         metrics |= tag(trajectories, state, cfg.affect, SEED)[1]
-        metrics |= gate(buffer, trajectories)
+        metrics |= gate(buffer, trajectories, variant, state.expected)
         stored = [entry for entry in buffer.entries() if entry["kind"] == "alignment"]
         new = [entry for entry in stored if entry["trajectory_id"] in {a.trajectory_id for a in answers}]
         assert new and len(new) == metrics["gate_alignment_stored"]  # this iteration's answers are in the buffer
 
         steps, served[:] = learner.steps, []
-        metrics |= nocturnal(learner, buffer, variant, cfg.train, i)
+        metrics |= nocturnal(learner, buffer, variant, cfg.train, i, state.expected)[0]
         assert metrics["updates"] > 0 and learner.steps == steps + metrics["updates"] == steps + len(served)
         per_batch = round(share * MINIBATCH)  # 4, exactly 0.4 of 10
         assert len(stored) >= per_batch, "too few alignment entries stored to fill a minibatch's share"

@@ -141,7 +141,7 @@ def test_the_training_stage_on_two_processes_writes_once_and_resumes(tmp_path, t
         flow_runs = [row[0] for row in db.execute("select id from flow_run order by created")]
         task_runs = db.execute("select flow_run_id, name from task_run").fetchall()
     assert len(flow_runs) == 2 and all(flow_run in flow_runs for flow_run, _ in task_runs)
-    assert sum(flow_run == flow_runs[1] and name.startswith("nocturnal_task") for flow_run, name in task_runs) == 1
+    assert sum(flow_run == flow_runs[1] and name.startswith("nocturnal") for flow_run, name in task_runs) == 1
 
     # one MLflow run per start, which says how many processes trained
     import mlflow

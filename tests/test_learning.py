@@ -143,8 +143,8 @@ def train_variant(toy, variant: str) -> tuple[float, float, LoopState, dict]:
         trajectories = sample(learner.model, tokenizer, prompts, cfg, target, SAMPLES_PER_PROMPT, seed=SEED * 100 + i, iteration=i)
         rollout_rewards.append(round(float(np.mean([t.reward for t in trajectories])), 3))
         _, metrics = tag(trajectories, state, cfg.affect, SEED)
-        metrics |= gate(buffer, trajectories)
-        metrics |= nocturnal(learner, buffer, variant, cfg.train, i)
+        metrics |= gate(buffer, trajectories, variant, state.expected)
+        metrics |= nocturnal(learner, buffer, variant, cfg.train, i, state.expected)[0]
         dream_served = max(dream_served, metrics["batch_dream_share"])
         state.iteration = i + 1
     after = mean_reward(learner.model, tokenizer, prompts, cfg, target, seed=2000)

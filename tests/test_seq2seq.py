@@ -144,8 +144,8 @@ def test_a_rollout_through_the_sandbox_feeds_training_repair_and_the_benchmark(t
     buffer, state = make_buffer(cfg.buffer, "cosmocore", 0, cfg.alignment.share), LoopState()
     tag(trajectories, state, cfg.affect, seed=0)
     assert all(-1 <= t.valence <= 1 and 0 <= t.arousal <= 1 for t in trajectories)
-    gate(buffer, trajectories)
-    metrics = nocturnal(learner, buffer, "cosmocore", cfg.train, 0)
+    gate(buffer, trajectories, "cosmocore", state.expected)
+    metrics, _ = nocturnal(learner, buffer, "cosmocore", cfg.train, 0, state.expected)
     assert learner.steps == metrics["updates"] == 2 and math.isfinite(metrics["train_loss"])
 
     failing = [t for t in trajectories if t.outcome != "passed"]
