@@ -322,8 +322,36 @@ def resolve_params(raw: dict[str, Any]) -> Config:
         raise _explain(error) from None
 
 
-def load_params(path: str | os.PathLike = "params.yaml", profile: str | None = None) -> Config:
-    """The validated config of `path`, with `profile` (when given) in place of the file's own choice."""
+def override(raw: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
+    """`raw` with `section.key=value` assignments (values in YAML: `train.lr=1e-5`, `train.lora=false`,
+    `study.variants=[grpo,nsr]`) laid over the selected profile, so they win over it; validation then
+    checks them like any other key."""
+    raw = dict(raw)
+    profile = raw.get("profile", "default")
+    profiles = {name: dict(body or {}) for name, body in (raw.get("profiles") or {}).items()}
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            raise ConfigError(f"override {assignment!r}: write section.key=value, e.g. train.lr=1e-5")
+        section, name = parts
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"override {assignment!r}: the value is not valid YAML ({error})") from None
+        if section == "study":  # outside the profiles (DVC builds its matrix from it)
+            raw[section] = {**raw.get(section, {}), name: value}
+            continue
+        if profile in profiles:
+            body = profiles[profile]
+            body[section] = {**(body.get(section) or {}), name: value}
+    raw["profiles"] = profiles
+    return raw
+
+
+def load_params(path: str | os.PathLike = "params.yaml", profile: str | None = None, overrides: list[str] = ()) -> Config:
+    """The validated config of `path`, with `profile` (when given) in place of the file's own choice and
+    `overrides` (`section.key=value`, see `override`) over it."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path} not found: run from the repository root, or pass --params PATH")
@@ -331,9 +359,11 @@ def load_params(path: str | os.PathLike = "params.yaml", profile: str | None = N
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         raise ConfigError(f"{path} is not valid YAML: {error}") from None
-    if profile is not None and isinstance(raw, dict):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must be a mapping of sections")
+    if profile is not None:
         raw["profile"] = profile
-    return resolve_params(raw)
+    return resolve_params(override(raw, list(overrides)))
 
 
 def write_sections(config: Config, folder: str | os.PathLike) -> list[Path]:

@@ -1,4 +1,5 @@
 import copy
+import re
 
 import pytest
 import yaml
@@ -72,3 +73,14 @@ def test_sections_round_trip_and_are_stable(tmp_path, config):
     assert [p.stat().st_mtime_ns for p in paths] == mtimes
     assert load_section(tmp_path, TrainConfig) == config.train
     assert load_config(tmp_path) == config
+
+
+def test_overrides_lie_over_the_selected_profile_and_are_validated():
+    params = REPO / "params.yaml"
+    cfg = load_params(params, profile="smoke", overrides=["train.lr=0.5", "train.lora=false", "study.variants=[grpo,nsr]"])
+    assert cfg.profile == "smoke" and cfg.train.lr == 0.5 and cfg.train.lora is False and cfg.study.variants == ["grpo", "nsr"]
+    assert cfg.model.source == "tiny"  # the rest of the profile stands
+    for bad, named in (("train.lr=fast", "train.lr"), ("train.lrr=1", "train.lrr"), ("trainlr=1", "section.key=value"),
+                       ("study.variants=[dreamy]", "study.variants")):
+        with pytest.raises(ConfigError, match=re.escape(named)):
+            load_params(params, overrides=[bad])

@@ -41,7 +41,9 @@ WARM_START_LR = 3e-3
 WARM_START_PROB = 0.1  # p(target) right after the prompt
 WARM_START_MAX_STEPS = 200
 MIN_GAIN = 0.2
-VARIANTS = ("on_policy", "uniform", "per", "cosmocore", "cosmocore_no_prune")
+# Every variant whose rule can learn from rewards in [0, 1]; `nsr` only pushes down negative rewards,
+# which this toy has none of (tests/test_learning_rules.py checks its rule).
+VARIANTS = ("on_policy", "grpo", "difficulty", "success_replay", "uniform", "per", "cosmocore", "cosmocore_no_prune")
 
 
 def toy_reward(completion: list[int], target: int) -> float:

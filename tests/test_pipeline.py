@@ -58,6 +58,9 @@ def test_smoke_experiment_leaves_metrics_for_base_and_trained_policies(smoke_rep
     for metrics in heldout.values():
         assert 0.0 <= metrics["greedy_pass_at_1"] <= 1.0
         assert 0.0 <= metrics["greedy_hallucination_rate"] <= 1.0
+        assert 0.0 <= metrics["hallucination_rate"] <= 1.0 and "pass_at_1" in metrics  # the sampled programs beside
+    report = (repo / "data/report/report.md").read_text()
+    assert "sampled decoding" in report and "detect" in report  # the smallest detectable effect, or that none was
     shown = json.loads(_run(["dvc", "metrics", "show", "--json"], repo, env).stdout)
     assert "data/metrics/heldout.json" in json.dumps(shown)
     assert (repo / "data/report/report.md").read_text().startswith("# CosmoCore report (profile `smoke`)")
@@ -75,7 +78,8 @@ def test_mlflow_holds_one_parent_and_nested_runs_per_stage(smoke_repo):
     stages = nested["tags.cosmocore.stage"].tolist()
     assert {"prepare", "model", "train", "evaluate", "report"} <= set(stages)
     trained = nested[nested["tags.cosmocore.stage"] == "train"]
-    assert set(trained["params.variant"]) == {"on_policy", "cosmocore"}
+    variants = json.loads((repo / "data/config/study.json").read_text())["variants"]
+    assert set(trained["params.variant"]) == set(variants) == {"grpo", "on_policy", "cosmocore"}
     evaluated = nested[nested["tags.cosmocore.stage"] == "evaluate"]
     assert evaluated["metrics.greedy_pass_at_1"].notna().all()
 
@@ -93,8 +97,9 @@ def test_nothing_reruns_and_a_training_param_touches_only_training_onwards(smoke
     changed = set(json.loads(_run(["dvc", "status", "--json"], repo, env).stdout or "{}"))
     # training and what reads its config (the trained policies' evaluation, for the TTC horizon, and the
     # report, which states the training budget) are out of date; prepare, model and the base model's evaluation are not
-    trained = {"train@on_policy-0", "train@cosmocore-0"}
-    assert trained <= changed <= trained | {"evaluate@on_policy-0", "evaluate@cosmocore-0", "report"}, changed
+    variants = json.loads((repo / "data/config/study.json").read_text())["variants"]
+    trained = {f"train@{v}-0" for v in variants}
+    assert trained <= changed <= trained | {f"evaluate@{v}-0" for v in variants} | {"report"}, changed
 
 
 def test_stage_launcher_names_the_stages_it_knows():

@@ -83,7 +83,7 @@ def test_one_update_changes_the_policy_and_its_checkpoint_round_trips(lora, tiny
     sampled, _ = rollout(learner.model, tokenizer, [_task(0), _task(1)], FakeSandbox(), rollout_cfg, config.reward, "completion",
                          IDS, samples_per_task=2, temperature=1.0, seed=0)
     entries = [{"prompt_ids": t.prompt_ids, "completion_ids": t.completion_ids, "behaviour_logprobs": t.behaviour_logprobs,
-                "reward": reward} for t, reward in zip(sampled, (1.0, -1.0, 0.5, -0.5))]
+                "reward": reward, "baseline": 0.0} for t, reward in zip(sampled, (1.0, -1.0, 0.5, -0.5))]
     before = {name: p.detach().clone() for name, p in learner.model.named_parameters() if p.requires_grad}
     stats, td = learner.update(entries, [1.0] * len(entries))
     # the trained pass is the behaviour policy's own before the step (T5's dropout is off for training)

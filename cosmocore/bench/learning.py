@@ -1,9 +1,10 @@
 """The learning benchmark: does training make the policy better than the model it started from?
 
-    cosmocore bench learning --size smoke|cpu|gpu [--arms base,on_policy,grpo,cosmocore] [--out DIR]
+    cosmocore bench learning --size smoke|cpu|gpu [--arms base,on_policy,grpo,cosmocore] [--set train.lr=1e-5] [--out DIR]
 
 Every arm (a variant of `buffer.SERVING`) trains from the same base with the same budget (the
-`bench_<size>` profile of `params.yaml`); the base is evaluated once and shared. The base and every
+`bench_<size>` profile of `params.yaml`, with any `--set section.key=value` over it); the base is
+evaluated once and shared. The base and every
 trained policy are evaluated on the same held-out tasks with `eval.samples_per_task` sampled programs
 per task at `eval.temperature`, plus greedy, and one round of self-repair of the greedy failures.
 
@@ -111,8 +112,8 @@ def result_line(arm: str, row: dict) -> str:
     return f"RESULT learning {arm} " + " ".join(fields)
 
 
-def run(size: str, arms: list[str], out: Path, params: str) -> dict:
-    cfg = load_params(params, profile=f"bench_{size}")
+def run(size: str, arms: list[str], out: Path, params: str, overrides: list[str] = ()) -> dict:
+    cfg = load_params(params, profile=f"bench_{size}", overrides=overrides)
     out.mkdir(parents=True, exist_ok=True)
     wall: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -129,7 +130,7 @@ def run(size: str, arms: list[str], out: Path, params: str) -> dict:
     rows: dict[str, dict] = {}
     histories: dict[str, pd.DataFrame] = {}
     logs: dict[str, pd.DataFrame] = {}
-    result = {"size": size, "profile": cfg.profile, "arms": arms, "primary_comparison": "each trained arm against the base",
+    result = {"size": size, "profile": cfg.profile, "overrides": list(overrides), "arms": arms, "primary_comparison": "each trained arm against the base",
               "train_tasks": summary["train"], "eval_tasks": summary["eval"], "wall_s": wall,
               "config": {"train": cfg.train.model_dump(), "rollout": cfg.rollout.model_dump(), "eval": cfg.eval.model_dump(),
                          "reward": cfg.reward.model_dump(), "model": cfg.model.source},
@@ -203,11 +204,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", choices=SIZES, default="cpu", help="the bench_<size> profile of params.yaml")
     parser.add_argument("--arms", type=_arms, default=list(ARMS), help=f"comma-separated (default: {','.join(ARMS)})")
     parser.add_argument("--out", type=Path, help="output folder (default: data/bench/learning-<size>)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a knob of the size's profile, e.g. --set train.lora=true --set train.lr=2e-4")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s %(levelname)s %(message)s")
     start = time.perf_counter()
-    result = run(args.size, args.arms, args.out or Path(f"data/bench/learning-{args.size}"), args.params)
+    result = run(args.size, args.arms, args.out or Path(f"data/bench/learning-{args.size}"), args.params, args.set)
     print(f"learning bench: {time.perf_counter() - start:.0f} s in all; JSON and plots in {args.out or f'data/bench/learning-{args.size}'}")
     for arm, row in result["arm"].items():
         if arm != "base":
