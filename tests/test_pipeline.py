@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from tests.conftest import REPO
@@ -82,6 +83,12 @@ def test_mlflow_holds_one_parent_and_nested_runs_per_stage(smoke_repo):
     assert set(trained["params.variant"]) == set(variants) == {"grpo", "on_policy", "cosmocore"}
     evaluated = nested[nested["tags.cosmocore.stage"] == "evaluate"]
     assert evaluated["metrics.greedy_pass_at_1"].notna().all()
+    # every optimizer update's diagnostics, at its step, beside the per-iteration means
+    run_id = trained[trained["params.variant"] == "grpo"]["run_id"].iloc[0]
+    history = mlflow.tracking.MlflowClient().get_metric_history(run_id, "update_advantage_positive_share")
+    updates = pd.read_csv(repo / "data/runs/grpo-s0/updates.csv")
+    assert sorted(m.step for m in history) == updates["step"].tolist() == list(range(1, len(updates) + 1))
+    assert {"advantage_mean", "explained_variance", "kl_behaviour", "grad_norm", "critic_trusted"} <= set(updates)
 
 
 def test_nothing_reruns_and_a_training_param_touches_only_training_onwards(smoke_repo):
