@@ -190,7 +190,6 @@ def nocturnal(learner: Learner, buffer: ReplayBuffer | KindMix, variant: str, cf
 
     Returns the phase's metrics (means over its updates) and each update's own, with `step` the
     learner's optimizer steps after it: a run that is getting worse shows why, update by update."""
-    start, tokens_before = time.perf_counter(), learner.tokens
     serving = SERVING[variant]
     replayed = [e for e in buffer.entries() if serving.baseline == "expected" or e["iteration"] < iteration]
     set_baselines(replayed, "expected", expected)
@@ -224,9 +223,6 @@ def nocturnal(learner: Learner, buffer: ReplayBuffer | KindMix, variant: str, cf
     values = np.concatenate(values)
     metrics["value_std"] = float(np.std(values))
     metrics["tuned_prune_valence"] = buffer.tune_pruning(values)  # applies to the next iteration's gate
-    elapsed = time.perf_counter() - start
-    metrics["train_steps_per_s"] = updates / elapsed
-    metrics["train_tokens_per_s"] = (learner.tokens - tokens_before) / elapsed
     return metrics, per_update
 
 
@@ -287,8 +283,11 @@ def run_iteration(run: Training, step: Step = direct) -> tuple[list[Trajectory],
     del sampler  # its memory goes back before the nocturnal phase
     metrics |= step(tag_checked, trajectories, state, cfg.affect, run.seed, processes)
     metrics |= step(gate, run.buffer, trajectories, run.variant, state.expected)
+    start, tokens_before = time.perf_counter(), run.learner.tokens
     phase, per_update = step(nocturnal, run.learner, run.buffer, run.variant, cfg.train, i, state.expected)
-    metrics |= phase
+    elapsed = time.perf_counter() - start
+    metrics |= phase | {"train_steps_per_s": phase["updates"] / elapsed,
+                        "train_tokens_per_s": (run.learner.tokens - tokens_before) / elapsed}
     processes.check_identical(run.learner.trained_parameters(), "weights")
     metrics["iteration"], metrics["optimizer_steps"] = i, run.learner.steps
     state.history.append(metrics)
