@@ -209,7 +209,8 @@ def nocturnal(learner: Learner, buffer: ReplayBuffer | KindMix, variant: str, cf
         per_update.append({"step": learner.steps, "iteration": iteration, **stats,
                            "dream_share": float(np.mean(batch.from_dream))})
         for key, value in stats.items():
-            totals[key] = totals.get(key, 0.0) + value / updates
+            if key != "explained_variance":  # NaN where a minibatch's rewards did not vary: averaged below
+                totals[key] = totals.get(key, 0.0) + value / updates
         served["total"] += len(batch.entries)
         served["alignment"] += sum(e["kind"] == "alignment" for e in batch.entries)
         served["dream"] += int(np.sum(batch.from_dream))
