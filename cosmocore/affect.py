@@ -49,6 +49,7 @@ import torch
 from scipy.stats import rankdata
 from torch import nn
 
+from cosmocore.atomic import atomic_path
 from cosmocore.config import AffectConfig
 from cosmocore.errors import CosmoCoreError
 
@@ -329,12 +330,9 @@ def fine_tune_on_labels(
 
 def save_tagger(tagger: AffectTagger, path: str | os.PathLike) -> None:
     """Write the tagger (shape and weights) atomically, so a killed tag stage leaves the previous one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     hidden_units = tagger.net[0].out_features
-    torch.save({"input_size": tagger.input_size, "hidden_units": hidden_units, "state": tagger.state_dict()}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save({"input_size": tagger.input_size, "hidden_units": hidden_units, "state": tagger.state_dict()}, tmp)
 
 
 def load_tagger(path: str | os.PathLike) -> AffectTagger:

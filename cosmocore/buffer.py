@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 from numpy.typing import ArrayLike
 
+from cosmocore.atomic import atomic_path
 from cosmocore.config import VARIANTS, BufferConfig
 from cosmocore.errors import CosmoCoreError
 
@@ -166,7 +166,6 @@ def gate(valence: ArrayLike, arousal: ArrayLike, cfg: BufferConfig, prune_valenc
     A NaN valence or arousal fails every comparison, so an untagged trajectory lands in the regular pool.
     """
     return np.asarray(GATES)[_gate_codes(valence, arousal, cfg, prune_valence)]
-
 
 
 @dataclass(frozen=True)
@@ -585,25 +584,9 @@ class ReplayBuffer:
 
 
 def write_atomically(path: str | os.PathLike, payload: dict) -> None:
-    """Pickle `payload` to `path` atomically: a temp file in the same folder, fsync, then `os.replace`,
-    so a crash at any moment leaves either the previous file or the new one, never a torn one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
-    try:
-        with handle:
-            pickle.dump(payload, handle, protocol=pickle.HIGHEST_PROTOCOL)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # make the rename itself durable
-    finally:
-        os.close(directory)
+    """Pickle `payload` to `path` (`atomic_path`: a crash leaves the previous file or the new one)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        pickle.dump(payload, handle, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def read_buffer_file(path: str | os.PathLike, restore: Callable[[dict], T]) -> T:

@@ -16,12 +16,11 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from cosmocore.atomic import atomic_path
 from cosmocore.config import ModelConfig
 from cosmocore.errors import CosmoCoreError
 from cosmocore.family import auto_class
@@ -66,17 +65,11 @@ def load_embedded_tokenizer():
     if cached.is_dir():
         return AutoTokenizer.from_pretrained(cached)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tmp = None
     try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=cached.parent)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, cached)  # whole or not at all
-    except OSError as error:  # a read-only home, or a concurrent writer got there first: no harm
-        if not cached.is_dir():
-            log.warning("could not keep the embedded tokenizer in %s: %s", cached, error)
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_path(cached, overwrite=False) as tmp:  # a concurrent writer may get there first: no harm
+            tokenizer.save_pretrained(tmp)
+    except OSError as error:  # a read-only home
+        log.warning("could not keep the embedded tokenizer in %s: %s", cached, error)
     return tokenizer
 
 

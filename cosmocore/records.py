@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from cosmocore.atomic import atomic_path
+
 OUTCOMES = (
     "passed",
     "wrong_answer",
@@ -125,11 +127,8 @@ def frame_to_trajectories(frame: pd.DataFrame) -> list[Trajectory]:
 
 
 def write_trajectories(trajectories: list[Trajectory], path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    trajectories_to_frame(trajectories).to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        trajectories_to_frame(trajectories).to_parquet(tmp, index=False)
 
 
 def read_trajectories(path: str | os.PathLike) -> list[Trajectory]:

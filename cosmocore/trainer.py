@@ -17,13 +17,13 @@ import copy
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from cosmocore.atomic import atomic_path
 from cosmocore.config import TrainConfig
 from cosmocore.distributed import SINGLE, Processes
 from cosmocore.family import auto_class
@@ -233,17 +233,13 @@ def save_checkpoint(learner: Learner, folder: str | os.PathLike, extra: dict, al
     """Policy, value head, optimizer state and `extra` (plus whatever `also(tmp_folder)` writes, e.g.
     the buffer) go to a temporary folder that is renamed into place only when complete: a kill
     mid-save leaves no half-written checkpoint, and earlier checkpoints stay as they were."""
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_policy(learner, tmp)
-    torch.save({"optimizer": learner.optimizer.state_dict(), "steps": learner.steps, "tokens": learner.tokens,
-                "critic_explained_variance": learner.critic_explained_variance, **extra},
-               tmp / "trainer_state.pt")
-    if also is not None:
-        also(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    with atomic_path(folder) as tmp:
+        save_policy(learner, tmp)
+        torch.save({"optimizer": learner.optimizer.state_dict(), "steps": learner.steps, "tokens": learner.tokens,
+                    "critic_explained_variance": learner.critic_explained_variance, **extra},
+                   tmp / "trainer_state.pt")
+        if also is not None:
+            also(tmp)
 
 
 def load_checkpoint(learner: Learner, folder: str | os.PathLike) -> dict:

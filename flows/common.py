@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import json
 import logging
 import os
 import signal
@@ -16,15 +15,6 @@ from cosmocore.errors import CosmoCoreError
 
 CONFIG_DIR = Path("data/config")
 PR_SET_PDEATHSIG = 1  # prctl option: the signal a process gets when its parent dies
-
-
-def write_json(path: str | os.PathLike, payload: dict) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=float) + "\n")
-    os.replace(tmp, path)
-    return path
 
 
 def file_digest(*paths: str | os.PathLike) -> str:

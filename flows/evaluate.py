@@ -14,6 +14,7 @@ import pandas as pd
 from prefect import flow
 
 from cosmocore.alignment import answer, output_prediction_tasks
+from cosmocore.atomic import write_json
 from cosmocore.config import load_config
 from cosmocore.datasets import guard_split
 from cosmocore.evaluation import evaluate_policy
@@ -23,7 +24,7 @@ from cosmocore.prompts import resolve_style
 from cosmocore.records import read_tasks, write_trajectories
 from cosmocore.rollout import RunIds
 from cosmocore.sandbox import Sandbox
-from flows.common import CONFIG_DIR, file_digest, run_main, write_json
+from flows.common import CONFIG_DIR, file_digest, run_main
 from flows.tracking import Tracker
 
 

@@ -13,9 +13,10 @@ from pathlib import Path
 import pandas as pd
 from prefect import flow
 
+from cosmocore.atomic import write_json
 from cosmocore.config import load_config
 from cosmocore.report import ReportInputs, build_report
-from flows.common import CONFIG_DIR, run_main, write_json
+from flows.common import CONFIG_DIR, run_main
 from flows.tracking import Tracker
 
 HEADLINE = ("greedy_pass_at_1", "greedy_hallucination_rate", "greedy_hallucination_static", "greedy_hallucination_runtime",

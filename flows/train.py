@@ -30,6 +30,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 
 import cosmocore
+from cosmocore.atomic import write_json
 from cosmocore.config import ModelConfig, load_config
 from cosmocore.distributed import is_main_process, launched_world_size, start, uses_cpu
 from cosmocore.errors import CosmoCoreError
@@ -41,7 +42,7 @@ from cosmocore.prompts import resolve_style
 from cosmocore.records import read_tasks, write_trajectories
 from cosmocore.sandbox import Sandbox
 from cosmocore.trainer import build_learner, load_checkpoint, save_checkpoint, save_policy
-from flows.common import CONFIG_DIR, die_with_parent, file_digest, run_main, write_json
+from flows.common import CONFIG_DIR, die_with_parent, file_digest, run_main
 from flows.tracking import Tracker
 
 TRAINING_SECTIONS = ("model", "rollout", "reward", "affect", "buffer", "train", "sandbox", "alignment")

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cosmocore.atomic import write_text
 from cosmocore.buffer import SERVING
 from cosmocore.config import VARIANTS, Config, load_params
 from cosmocore.datasets import prepare
@@ -193,9 +194,7 @@ def _finish(rows: dict, tables: dict, arm: str, histories: dict, logs: dict, cfg
 
 
 def _write(out: Path, result: dict) -> None:
-    tmp = out / "learning.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1, default=float) + "\n")
-    tmp.replace(out / "learning.json")
+    write_text(out / "learning.json", json.dumps(result, indent=1, default=float) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,72 @@
+"""One way to write a file or a folder so that a crash at any moment leaves the old one or the new one,
+never a torn one: everything the pipeline persists (task tables, trajectories, buffers, checkpoints,
+taggers, metrics JSON, the tokenizer cache) goes through `atomic_path`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside `path` (same folder, so the rename cannot cross file systems);
+    write the file or folder there. When the block ends normally it is flushed to disk and renamed
+    onto `path`; when it raises, the temporary is removed and `path` is left as it was.
+
+    `overwrite=False` keeps an existing `path` and drops the new one (first writer wins: caches that
+    concurrent processes may fill with the same content)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    _remove(tmp)
+    try:
+        yield tmp
+        if not overwrite and path.exists():
+            _remove(tmp)
+            return
+        _fsync(tmp)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)  # os.replace cannot replace a non-empty folder
+        os.replace(tmp, path)
+        _fsync_folder(path.parent)  # make the rename itself durable
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, payload: dict) -> Path:
+    """`payload` as indented JSON with sorted keys (numpy and other floats as plain numbers)."""
+    return write_text(path, json.dumps(payload, indent=2, sort_keys=True, default=float) + "\n")
+
+
+def _fsync(path: Path) -> None:
+    for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
+        if file.is_file():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def _fsync_folder(folder: Path) -> None:
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
