@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from cosmocore.errors import CosmoCoreError
 
+LABELS_FOLDER = "labels"  # human affect labels live here (`affect.labels_csv`); the train stage depends on it
+
 VARIANTS = (
     "on_policy",
     "grpo",
@@ -160,6 +162,15 @@ class AffectConfig(Section):
     valence_scale: Positive
     running_mean_decay: Fraction
     labels_csv: str
+
+    @field_validator("labels_csv")
+    @classmethod
+    def _labels_under_labels_folder(cls, value: str) -> str:
+        # the train stage depends on the labels/ folder: a file elsewhere would change unseen by DVC
+        if value and Path(value).parts[0] != LABELS_FOLDER:
+            raise ValueError(f"put the labels file under {LABELS_FOLDER}/ (the train stage's DVC dependency), "
+                             f"e.g. {LABELS_FOLDER}/{Path(value).name}")
+        return value
 
 
 class BufferConfig(Section):

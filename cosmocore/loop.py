@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cosmocore.affect import AffectTagger, affect_targets, predict, train_tagger, update_task_stats
+from cosmocore.affect import AffectTagger, affect_targets, fine_tune_on_labels, predict, train_tagger, update_task_stats
 from cosmocore.alignment import answer, build_alignment_tasks, pick_for_share
 from cosmocore.buffer import SERVING, ReplayBuffer
 from cosmocore.config import AffectConfig, AlignmentConfig, Config, RewardConfig, RolloutConfig, TrainConfig
@@ -113,6 +113,10 @@ def _fit_tagger(trajectories: list[Trajectory], state: LoopState, cfg: AffectCon
         tagger = AffectTagger(hidden.shape[1], cfg.hidden_units)
         tagger.load_state_dict(state.tagger_state)
     tagger, metrics = train_tagger(tagger, hidden, valence_t, arousal_t, cfg, seed=seed + state.iteration)
+    if cfg.labels_csv:  # human labels, which the paper trains its tagger on, refine the self-supervised fit
+        hidden_by_id = dict(zip((t.trajectory_id for t in trajectories), hidden))
+        labelled = fine_tune_on_labels(tagger, hidden_by_id, cfg.labels_csv, cfg, seed=seed + state.iteration)
+        metrics |= {f"labels_{k}": v for k, v in labelled.items()}
     valence, arousal = predict(tagger, hidden)
     for t, vt, at, v, a in zip(trajectories, valence_t, arousal_t, valence, arousal):
         t.valence_target, t.arousal_target, t.valence, t.arousal = float(vt), float(at), float(v), float(a)

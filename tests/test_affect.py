@@ -23,6 +23,8 @@ from cosmocore.affect import (
     update_task_stats,
 )
 from cosmocore.config import AffectConfig, load_params
+from cosmocore.loop import LoopState, tag
+from cosmocore.records import Trajectory
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -187,3 +189,36 @@ def test_bad_label_files_are_explained(cfg, tmp_path, content, message):
 def test_missing_label_file_is_explained(cfg, tmp_path):
     with pytest.raises(LabelsError, match="not found.*labels_csv"):
         fine_tune_on_labels(AffectTagger(4, 8), {}, tmp_path / "absent.csv", cfg, seed=0)
+
+
+def labelled_iteration(n: int = 48) -> list[Trajectory]:
+    """An iteration of `cosmocore-s0` whose ids `labels/example.csv` names (tasks 0-5, sample 0)."""
+    rng = np.random.default_rng(3)
+    trajectories = []
+    for i in range(n):
+        task, sample = i // 4, i % 4
+        passed = sample != 0
+        trajectories.append(Trajectory(
+            trajectory_id=f"cosmocore-s0/i0/HumanEval/{task}/{sample}", run="cosmocore-s0", variant="cosmocore", seed=0,
+            iteration=0, task_id=f"HumanEval/{task}", sample=sample, kind="code", prompt_ids=[1], completion_ids=[2],
+            behaviour_logprobs=[-0.5], mean_entropy=1.0, hidden=list(rng.normal(size=8) + 2.0 * (sample == 0)),
+            text="", code="", outcome="passed" if passed else "wrong_answer", hallucinated=False,
+            hallucination_evidence="", exception_type="", test_share=float("nan"), reward=1.0 if passed else 0.0))
+    return trajectories
+
+
+def test_tagging_fine_tunes_on_the_human_labels_of_params(cfg):
+    labelled_ids = {row.split(",")[0] for row in (ROOT / "labels" / "example.csv").read_text().splitlines()[1:]}
+    valences = {}
+    for labels_csv in ("", str(ROOT / "labels" / "example.csv")):
+        trajectories = labelled_iteration()
+        _, metrics = tag(trajectories, LoopState(), cfg.model_copy(update={"labels_csv": labels_csv}), seed=0)
+        valences[labels_csv] = np.mean([t.valence for t in trajectories if t.trajectory_id in labelled_ids])
+    assert (metrics["tagger_labels_n_matched"], metrics["tagger_labels_n_unknown"]) == (len(labelled_ids), 0)
+    without, with_labels = valences.values()
+    assert with_labels > without + 0.1  # a person judged these failures harmless; execution alone said painful
+
+
+def test_a_labels_file_outside_the_labels_folder_is_refused(cfg):
+    with pytest.raises(ValueError, match="under labels/"):
+        AffectConfig(**{**cfg.model_dump(), "labels_csv": "data/my_labels.csv"})
