@@ -1,6 +1,6 @@
 """The replay buffer of the nocturnal phase: a sum tree, the affect gates and the variants' serving rules.
 
-Gates (DESIGN.md, "Trajectories, rewards and affect"), applied to each trajectory as it is added:
+Gates (docs/design.md, "Trajectories, rewards and affect"), applied to each trajectory as it is added:
 
 - **Dream Queue**: `v < dream_valence and a > dream_arousal` — painful, surprising failures ("cringe").
 - **Prune Bin**: `|v| < prune_valence and a < prune_arousal` — routine, unsurprising outcomes. Its

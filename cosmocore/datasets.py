@@ -247,7 +247,7 @@ class SplitLeak(CosmoCoreError, ValueError):
 
 
 def guard_split(eval_ids: set[str], train_ids: set[str]) -> None:
-    """Refuse to evaluate on any task the policy trained on (DESIGN.md, "Honest evaluation")."""
+    """Refuse to evaluate on any task the policy trained on (docs/design.md, "Honest evaluation")."""
     leaked = sorted(eval_ids & train_ids)
     if leaked:
         raise SplitLeak(

@@ -1,4 +1,4 @@
-"""The numbers the project is judged by (see DESIGN.md, "Definitions"): pass@k, hallucination rate,
+"""The numbers the project is judged by (see docs/design.md, "Definitions"): pass@k, hallucination rate,
 outcome taxonomy, time to correction, and the statistics that say how far to trust a difference.
 
 Pure functions on plain values, used by training logs and evaluation alike, so both measure the
@@ -83,7 +83,7 @@ def outcome_taxonomy(outcomes: Iterable[str]) -> dict[str, float]:
 
 
 def time_to_correction(log: pd.DataFrame, horizon: float, unit: TTCUnit = "iterations") -> dict[str, float]:
-    """Training-time self-correction speed (DESIGN.md, "Time to correction"), in iterations or in
+    """Training-time self-correction speed (docs/design.md, "Time to correction"), in iterations or in
     optimizer updates.
 
     `log` has one row per training sample: iteration, task_id, outcome, hallucinated (and

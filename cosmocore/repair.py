@@ -1,4 +1,4 @@
-"""Self-repair, the inference-time self-correction of `DESIGN.md`: for each failing sample, feed its
+"""Self-repair, the inference-time self-correction of `docs/design.md`: for each failing sample, feed its
 execution error back (the failing assertion, or the end of the traceback) and ask for a fix, up to
 `rounds` rounds; a sample is repaired at the first round whose fix passes.
 

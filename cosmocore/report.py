@@ -1,4 +1,4 @@
-"""The ablation report (DESIGN.md, "Honest evaluation"; issue 7): held-out metrics per policy with
+"""The ablation report (docs/design.md, "Honest evaluation"; issue 7): held-out metrics per policy with
 bootstrap intervals, CosmoCore's paired comparisons against each baseline with the smallest effect the
 run could have detected, one plain sentence per claim, and the plots.
 

@@ -13,7 +13,7 @@ sample pays a fork. There are two pools of workers (one per core each, started o
 one imports only the standard library, the other also `sandbox.preload_modules` (numpy, pandas),
 and a sample goes to the second only when its program or tests import beyond the standard library,
 because forking a server that holds pandas costs several times more than forking a light one. `sandbox_worker.py` reports raw facts; this module classifies them into the
-outcome classes of DESIGN.md and adds the static half of the hallucination flag.
+outcome classes of docs/design.md and adds the static half of the hallucination flag.
 """
 
 from __future__ import annotations

@@ -138,7 +138,7 @@ def _guard(candidate, rigged: list[bool]):
 
 
 def _hallucination_evidence(error: BaseException) -> list[str]:
-    """Run-time signs that the code used something that does not exist (see DESIGN.md)."""
+    """Run-time signs that the code used something that does not exist (see docs/design.md)."""
     message = f"{type(error).__name__}: {error}"
     if isinstance(error, (NameError, ImportError)) and not isinstance(error, AttributeError):
         return [f"runtime: {message}"]

@@ -1,6 +1,6 @@
 """The static half of the hallucination flag: what a program refers to that does not exist.
 
-Three kinds of evidence, all found without running the program (see DESIGN.md, "Hallucinated"):
+Three kinds of evidence, all found without running the program (see docs/design.md, "Hallucinated"):
 undefined names (pyflakes, which already knows the builtins and every name the program binds),
 imports of modules this interpreter cannot find (it is also the sandbox's interpreter, so "cannot be
 found here" means "cannot be imported there"), and attributes or imported names a module does not

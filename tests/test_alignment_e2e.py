@@ -112,6 +112,7 @@ def as_if_written(trajectories: list[Trajectory], tasks: list[Task], model, toke
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ALIGNMENT_VARIANTS)
 def test_alignment_samples_train_at_the_configured_share(variant, cfg, tasks, sandbox, tiny_model_dir, monkeypatch):
     share = cfg.alignment.share

@@ -9,7 +9,11 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow  # the benchmark end to end: `pytest -m "not slow"` skips it
 
 FIELDS = ("halluc", "halluc_diff", "halluc_ci", "pass", "pass_diff", "pass_ci", "no_code", "syntax", "tasks", "n")
 

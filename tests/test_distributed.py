@@ -28,6 +28,8 @@ from tests import dist_scenario
 from tests.conftest import outer_timeout
 from tests.test_buffer import assert_same_future
 
+pytestmark = pytest.mark.slow  # end-to-end runs: `pytest -m "not slow"` skips them
+
 SCENARIO = Path(dist_scenario.__file__)
 
 

@@ -156,6 +156,7 @@ def train_variant(toy, variant: str) -> tuple[float, float, LoopState, dict]:
     return before, after, state, metrics
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_every_variant_raises_the_toy_reward(toy, variant):
     start = time.perf_counter()

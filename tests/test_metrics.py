@@ -1,4 +1,4 @@
-"""The metric definitions of DESIGN.md against hand-computed values."""
+"""The metric definitions of docs/design.md against hand-computed values."""
 
 from __future__ import annotations
 

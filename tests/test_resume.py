@@ -112,6 +112,7 @@ def _buffer_ids(path: Path, repo: Path) -> list[str]:
     return [entry["trajectory_id"] for entry in buffer.entries()]
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_without_losing_or_repeating_anything(scratch):
     repo, reference, env, n_tasks = scratch
 
