@@ -13,7 +13,7 @@ Gates (docs/design.md, "Trajectories, rewards and affect"), applied to each traj
 vary the policy has little left to learn from routine samples, so the prune band widens.
 
 Sampling: every variant goes through `ReplayBuffer.sample`; they differ only in what is stored and how
-it is drawn (`SERVING`). The CosmoCore mix draws each minibatch slot from the Dream Queue, in proportion
+it is drawn (`variants.Serving`, one per variant in `variants.REGISTRY`). The CosmoCore mix draws each minibatch slot from the Dream Queue, in proportion
 to `p^α` with `p = |TD| + λ·|v|·a`, with probability `dream_fraction`, and otherwise uniformly over the
 whole buffer. Importance-sampling weights correct for that mixed distribution:
 `w_i = (N·P(i))^-β / max_j (N·P(j))^-β = (P_min / P(i))^β`, with β annealed from `beta_start` to 1.
@@ -26,14 +26,15 @@ import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from numpy.typing import ArrayLike
 
 from cosmocore.atomic import atomic_path
-from cosmocore.config import VARIANTS, BufferConfig
+from cosmocore.config import BufferConfig
 from cosmocore.errors import CosmoCoreError
+from cosmocore.variants import REGISTRY, VARIANTS
 
 GATES = ("dream", "regular", "pruned")
 DREAM, REGULAR, PRUNED = range(len(GATES))
@@ -168,62 +169,6 @@ def gate(valence: ArrayLike, arousal: ArrayLike, cfg: BufferConfig, prune_valenc
     return np.asarray(GATES)[_gate_codes(valence, arousal, cfg, prune_valence)]
 
 
-@dataclass(frozen=True)
-class Serving:
-    """How a variant fills and serves the buffer, and which baseline its advantages are taken against.
-
-    sampling: `in_order` (only the latest batch, each entry served once per pass), `uniform`,
-    `priority` (∝ p^α over everything), `dream_mix` (the CosmoCore 80/20 mix, with gates), and two
-    on-policy schemes that recent work reports working for RL on code and math:
-      - `difficulty`: only the latest batch, each slot drawn in proportion to its task's reward
-        variance in that batch, p(1−p) for pass/fail rewards (online difficulty filtering: Bae et al.
-        2025, "Online Difficulty Filtering for Reasoning Oriented Reinforcement Learning"; DAPO's
-        dynamic sampling drops the zero-variance groups outright). Groups that all score alike carry no
-        group-relative gradient and are never drawn.
-      - `success_replay`: the latest batch in order, plus `buffer.success_replay_share` × B more rows per
-        minibatch drawn uniformly from successes kept from earlier batches on hard tasks (those of
-        which at most `buffer.success_max_pass_rate` of the samples passed): ExGRPO (Zhan et al. 2025,
-        "ExGRPO: Learning to Reason from Experience") and RePO (Li et al. 2025, "RePO: Replay-Enhanced
-        Policy Optimization"), which replay a weak policy's rare successes so that they are not lost.
-    drop_pruned: whether the Prune Bin is deleted (True) or kept in the regular pool.
-    baseline: what the advantage `reward − baseline` subtracts (`loop.set_baselines`):
-      - `expected`: the task's running mean reward (the affect tagger's E_t), refreshed before every
-        nocturnal phase, so a replayed entry is judged against what the policy now expects of its task
-        (a Dream Queue failure keeps a negative advantage); the critic V(s) takes over once it explains
-        `train.critic_min_explained_variance` of the reward's variance (`trainer.Learner`).
-      - `group`: the mean reward of the other samples of the same task in the same iteration, GRPO's
-        group-relative advantage (Shao et al. 2024, DeepSeekMath; TRL's GRPOTrainer, verl), without the
-        division by the group's standard deviation (Dr. GRPO, Liu et al. 2025): a group whose samples
-        all score alike gives no gradient.
-      - `negative`: max(reward, 0), so the advantage is min(reward, 0): negative-sample reinforcement
-        (NSR, Zhu et al. 2025, "The Surprising Effectiveness of Negative Reinforcement in LLM
-        Reasoning"), which only pushes failures down and leaves the rest of the distribution alone.
-    """
-
-    sampling: Literal["in_order", "uniform", "priority", "dream_mix", "difficulty", "success_replay"]
-    drop_pruned: bool = False
-    baseline: Literal["expected", "group", "negative"] = "expected"
-
-    @property
-    def on_policy(self) -> bool:
-        """Whether each phase serves the latest batch (each entry once), not a store of older ones."""
-        return self.sampling in ("in_order", "difficulty", "success_replay")
-
-
-SERVING = {
-    "on_policy": Serving("in_order"),
-    "grpo": Serving("in_order", baseline="group"),
-    "nsr": Serving("in_order", baseline="negative"),
-    "difficulty": Serving("difficulty", baseline="group"),
-    "success_replay": Serving("success_replay", baseline="group"),
-    "coderl_plus": Serving("in_order"),
-    "uniform": Serving("uniform"),
-    "per": Serving("priority"),
-    "cosmocore": Serving("dream_mix", drop_pruned=True),
-    "cosmocore_no_prune": Serving("dream_mix", drop_pruned=False),
-    "cosmocore_coderl_plus": Serving("dream_mix", drop_pruned=True),
-}
-assert set(SERVING) == set(VARIANTS), "every variant in config.VARIANTS needs a serving rule"
 
 
 @dataclass
@@ -264,11 +209,11 @@ class ReplayBuffer:
     """
 
     def __init__(self, cfg: BufferConfig, variant: str, seed: int) -> None:
-        if variant not in SERVING:
+        if variant not in REGISTRY:
             raise ValueError(f"unknown buffer variant {variant!r}; choose one of: {', '.join(VARIANTS)}")
         self.cfg = cfg
         self.variant = variant
-        self.serving = SERVING[variant]
+        self.serving = REGISTRY[variant].serving
         self.rng = np.random.default_rng(seed)
         self.tree = SumTree(cfg.capacity)
         self.prune_valence = cfg.prune_valence

@@ -17,23 +17,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from cosmocore.errors import CosmoCoreError
+from cosmocore.variants import VARIANTS
 
 LABELS_FOLDER = "labels"  # human affect labels live here (`affect.labels_csv`); the train stage depends on it
 
-VARIANTS = (
-    "on_policy",
-    "grpo",
-    "nsr",
-    "difficulty",
-    "success_replay",
-    "uniform",
-    "per",
-    "cosmocore",
-    "cosmocore_no_prune",
-    "coderl_plus",
-    "cosmocore_coderl_plus",
-)
-Variant = Literal[VARIANTS]  # each variant's serving and advantage rule: `buffer.SERVING`
+VariantName = Literal[VARIANTS]  # everything that differs between variants: `variants.REGISTRY`
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 Positive = Annotated[float, Field(gt=0.0)]
@@ -50,7 +38,7 @@ class Section(BaseModel):
 
 
 class StudyConfig(Section):
-    variants: list[Variant] = Field(min_length=1)
+    variants: list[VariantName] = Field(min_length=1)
     seeds: list[NonNegativeInt] = Field(min_length=1)
 
 

@@ -18,14 +18,15 @@ import numpy as np
 
 from cosmocore.affect import AffectTagger, affect_targets, fine_tune_on_labels, predict, train_tagger, update_task_stats
 from cosmocore.alignment import answer, build_alignment_tasks, pick_for_share
-from cosmocore.buffer import SERVING, ReplayBuffer
+from cosmocore.buffer import ReplayBuffer
 from cosmocore.config import AffectConfig, AlignmentConfig, Config, RewardConfig, RolloutConfig, TrainConfig
 from cosmocore.distributed import SINGLE, Processes
-from cosmocore.mixing import ALIGNMENT_VARIANTS, KindMix
+from cosmocore.mixing import KindMix
 from cosmocore.records import Task, Trajectory, trajectories_to_frame
 from cosmocore.rollout import RunIds, rollout
 from cosmocore.sandbox import Sandbox
 from cosmocore.trainer import Learner
+from cosmocore.variants import REGISTRY
 from cosmocore.validation import raise_for_failures, validate_trajectories
 
 # What the trainer needs of a trajectory: the buffer holds these, not the whole record.
@@ -171,7 +172,7 @@ def gate(buffer: ReplayBuffer | KindMix, trajectories: list[Trajectory], variant
     seen so far (the usual PER rule: each is replayed at least once before its own TD error is known);
     the trainer writes theirs back."""
     entries = [{name: getattr(t, name) for name in ENTRY_FIELDS} for t in trajectories]
-    set_baselines(entries, SERVING[variant].baseline, expected)
+    set_baselines(entries, REGISTRY[variant].serving.baseline, expected)
     variance, pass_rate = group_statistics(entries)
     stats = buffer.add(
         entries,
@@ -194,7 +195,7 @@ def nocturnal(learner: Learner, buffer: ReplayBuffer | KindMix, variant: str, cf
 
     Returns the phase's metrics (means over its updates) and each update's own, with `step` the
     learner's optimizer steps after it: a run that is getting worse shows why, update by update."""
-    serving = SERVING[variant]
+    serving = REGISTRY[variant].serving
     replayed = [e for e in buffer.entries() if serving.baseline == "expected" or e["iteration"] < iteration]
     set_baselines(replayed, "expected", expected)
     updates = cfg.updates_per_iteration
@@ -281,7 +282,7 @@ def run_iteration(run: Training, step: Step = direct) -> tuple[list[Trajectory],
     trajectories, tokens_per_s = step(sample_iteration, sampler, run.tokenizer, run.tasks, run.sandbox, cfg.rollout,
                                       cfg.reward, run.style, ids, processes)
     metrics = {**rollout_metrics(trajectories), "rollout_tokens_per_s": tokens_per_s}
-    if run.variant in ALIGNMENT_VARIANTS:
+    if REGISTRY[run.variant].alignment:
         answers, align_metrics = step(align, sampler, run.tokenizer, run.tasks, trajectories, run.sandbox, cfg.alignment,
                                       cfg.rollout, run.style, ids, processes)
         trajectories, metrics = trajectories + answers, metrics | align_metrics

@@ -34,9 +34,9 @@ from numpy.typing import ArrayLike
 
 from cosmocore.buffer import FORMAT_VERSION, Batch, ReplayBuffer, read_buffer_file, write_atomically
 from cosmocore.config import BufferConfig
+from cosmocore.variants import REGISTRY
 
 KINDS = ("code", "alignment")
-ALIGNMENT_VARIANTS = ("coderl_plus", "cosmocore_coderl_plus")
 SUMMED = ("size", "dream_size", "regular_size", "total_added", "total_pruned", "total_evicted")
 
 
@@ -210,7 +210,7 @@ class KindMix:
 def make_buffer(cfg: BufferConfig, variant: str, seed: int, share: float) -> ReplayBuffer | KindMix:
     """The variant's buffer: a `KindMix` at `share` (`alignment.share`) for the CodeRL+ variants, one
     `ReplayBuffer` for the others."""
-    if variant not in ALIGNMENT_VARIANTS:
+    if not REGISTRY[variant].alignment:
         return ReplayBuffer(cfg, variant, seed)
     configs = part_configs(cfg, share)
     seeds = [int(child.generate_state(1)[0]) for child in np.random.SeedSequence(seed).spawn(len(KINDS))]
@@ -219,6 +219,6 @@ def make_buffer(cfg: BufferConfig, variant: str, seed: int, share: float) -> Rep
 
 def load_buffer(path: str | os.PathLike, cfg: BufferConfig, variant: str, share: float) -> ReplayBuffer | KindMix:
     """Reload what `make_buffer(cfg, variant, seed, share)` made and saved."""
-    if variant not in ALIGNMENT_VARIANTS:
+    if not REGISTRY[variant].alignment:
         return ReplayBuffer.load(path, cfg)
     return KindMix.load(path, cfg, share)

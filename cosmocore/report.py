@@ -37,9 +37,10 @@ from cosmocore.metrics import (  # noqa: E402
     ttc_pairs,
     updates_before,
 )
+from cosmocore.variants import REGISTRY  # noqa: E402
 
 TREATMENT = "cosmocore"
-CONTROLS = ("on_policy", "grpo", "nsr", "difficulty", "success_replay", "per", "uniform", "base")
+CONTROLS = tuple(name for name, variant in REGISTRY.items() if variant.control) + ("base",)
 N_RESAMPLES = 2000
 ALPHA = 0.05
 POWER = 0.8

@@ -34,7 +34,6 @@ from cosmocore.atomic import write_json
 from cosmocore.config import ModelConfig, load_config
 from cosmocore.distributed import is_main_process, launched_world_size, start, uses_cpu
 from cosmocore.errors import CosmoCoreError
-from cosmocore.buffer import SERVING
 from cosmocore.loop import LoopState, Training, run_iteration
 from cosmocore.mixing import load_buffer, make_buffer
 from cosmocore.models import load_policy
@@ -42,6 +41,7 @@ from cosmocore.prompts import resolve_style
 from cosmocore.records import read_tasks, write_trajectories
 from cosmocore.sandbox import Sandbox
 from cosmocore.trainer import build_learner, load_checkpoint, save_checkpoint, save_policy
+from cosmocore.variants import REGISTRY
 from flows.common import CONFIG_DIR, die_with_parent, file_digest, run_main
 from flows.tracking import Tracker
 
@@ -101,7 +101,7 @@ def train(variant: str, seed: int, tasks_path: str = "data/prepared/train.jsonl"
     policy, tokenizer = load_policy(model_dir, processes.model_config(cfg.model))
     style = resolve_style(cfg.model.prompt_style, tokenizer)
     learner = build_learner(policy, cfg.train, tokenizer.pad_token_id, cfg.rollout.temperature, seed=seed, processes=processes,
-                            use_critic=SERVING[variant].baseline == "expected")
+                            use_critic=REGISTRY[variant].use_critic)
     buffer, state = make_buffer(cfg.buffer, variant, seed, cfg.alignment.share), LoopState()
     if checkpoint is not None:
         state = LoopState(**load_checkpoint(learner, checkpoint)["loop"])

@@ -23,7 +23,7 @@ import torch
 
 from cosmocore.datasets import load_humaneval
 from cosmocore.loop import LoopState, align, gate, nocturnal, tag
-from cosmocore.mixing import ALIGNMENT_VARIANTS, KindMix, make_buffer
+from cosmocore.mixing import KindMix, make_buffer
 from cosmocore.models import load_policy
 from cosmocore.policy import score
 from cosmocore.prompts import error_feedback, extract_code, program_for, resolve_style
@@ -32,6 +32,7 @@ from cosmocore.rewards import reward_for
 from cosmocore.rollout import RunIds, rollout
 from cosmocore.sandbox import ExecRequest, Sandbox
 from cosmocore.trainer import build_learner
+from cosmocore.variants import ALIGNMENT_VARIANTS
 
 SEED = 0
 TASK_IDS = ("HumanEval/17", "HumanEval/18", "HumanEval/31")  # short, with literal test calls and int literals

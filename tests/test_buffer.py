@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from cosmocore.buffer import GATES, SERVING, BufferFileError, ReplayBuffer, SumTree, gate
-from cosmocore.config import VARIANTS, BufferConfig, load_params
+from cosmocore.buffer import GATES, BufferFileError, ReplayBuffer, SumTree, gate
+from cosmocore.config import BufferConfig, load_params
+from cosmocore.variants import REGISTRY
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -131,7 +132,7 @@ def test_variants_store_what_they_should(cfg, variant):
     drops = variant in ("cosmocore", "cosmocore_coderl_plus")
     assert len(buffer) == (2 if drops else 4)
     assert added["dropped_pruned"] == (2 if drops else 0)
-    assert buffer.replay_stats()["dream_size"] == (1 if SERVING[variant].sampling == "dream_mix" else 0)
+    assert buffer.replay_stats()["dream_size"] == (1 if REGISTRY[variant].serving.sampling == "dream_mix" else 0)
 
 
 @pytest.mark.parametrize("variant", ["on_policy", "coderl_plus"])
@@ -222,7 +223,6 @@ def test_replay_rate_is_measured_not_forced(cfg):
 
 
 def test_unknown_variant_and_empty_buffer_fail_clearly(cfg):
-    assert set(SERVING) == set(VARIANTS)
     with pytest.raises(ValueError, match="choose one of"):
         ReplayBuffer(cfg, "ppo", seed=0)
     with pytest.raises(ValueError, match="empty"):

@@ -14,6 +14,7 @@ from cosmocore import mixing
 from cosmocore.buffer import BufferFileError, ReplayBuffer
 from cosmocore.config import BufferConfig, load_params
 from cosmocore.mixing import KindMix, load_buffer, make_buffer, part_configs
+from cosmocore.variants import ALIGNMENT_VARIANTS
 from tests.test_buffer import assert_same_future
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +45,7 @@ def test_doctest_examples():
 
 def test_only_the_coderl_plus_variants_mix_kinds(cfg):
     assert isinstance(make_buffer(cfg, "cosmocore", 0, SHARE), ReplayBuffer)
-    for variant in mixing.ALIGNMENT_VARIANTS:
+    for variant in ALIGNMENT_VARIANTS:
         buffer = make_buffer(cfg, variant, 0, SHARE)
         assert isinstance(buffer, KindMix) and buffer.variant == variant
         capacities = {kind: part.cfg.capacity for kind, part in buffer.parts.items()}
@@ -54,7 +55,7 @@ def test_only_the_coderl_plus_variants_mix_kinds(cfg):
 # ---- the share of every minibatch ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", mixing.ALIGNMENT_VARIANTS)
+@pytest.mark.parametrize("variant", ALIGNMENT_VARIANTS)
 @pytest.mark.parametrize("batch_size", [10, 8, 7])
 def test_every_minibatch_holds_the_configured_share(cfg, variant, batch_size):
     buffer = make_buffer(cfg, variant, 0, SHARE)

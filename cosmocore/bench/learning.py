@@ -2,7 +2,7 @@
 
     cosmocore bench learning --size smoke|cpu|gpu [--arms base,on_policy,grpo,cosmocore] [--set train.lr=1e-5] [--out DIR]
 
-Every arm (a variant of `buffer.SERVING`) trains from the same base with the same budget (the
+Every arm (a variant of `variants.REGISTRY`) trains from the same base with the same budget (the
 `bench_<size>` profile of `params.yaml`, with any `--set section.key=value` over it); the base is
 evaluated once and shared. The base and every
 trained policy are evaluated on the same held-out tasks with `eval.samples_per_task` sampled programs
@@ -33,8 +33,7 @@ import numpy as np
 import pandas as pd
 
 from cosmocore.atomic import write_text
-from cosmocore.buffer import SERVING
-from cosmocore.config import VARIANTS, Config, load_params
+from cosmocore.config import Config, load_params
 from cosmocore.datasets import prepare
 from cosmocore.errors import CosmoCoreError
 from cosmocore.evaluation import GREEDY, SAMPLED, evaluate_policy
@@ -48,6 +47,7 @@ from cosmocore.report import Estimate, interval, per_task_heldout, plot_heldout,
 from cosmocore.rollout import RunIds
 from cosmocore.sandbox import Sandbox
 from cosmocore.trainer import build_learner
+from cosmocore.variants import REGISTRY, VARIANTS
 
 log = logging.getLogger("cosmocore.bench.learning")
 
@@ -78,7 +78,7 @@ def train_arm(variant: str, cfg: Config, model_dir: Path, tasks, sandbox: Sandbo
     policy, tokenizer = load_policy(model_dir, cfg.model)
     style = resolve_style(cfg.model.prompt_style, tokenizer)
     learner = build_learner(policy, cfg.train, tokenizer.pad_token_id, cfg.rollout.temperature, seed=SEED,
-                            use_critic=SERVING[variant].baseline == "expected")
+                            use_critic=REGISTRY[variant].use_critic)
     run = Training(cfg, variant, SEED, tasks, tokenizer, style, sandbox, learner,
                    make_buffer(cfg.buffer, variant, SEED, cfg.alignment.share), LoopState())
     for _ in range(cfg.train.iterations):
