@@ -85,7 +85,8 @@ def repair(model, tokenizer, tasks_by_id: dict[str, Task], failed_trajectories: 
                 too_long += 1
                 ids = ids[-cfg.max_prompt_tokens :]  # keeps the error and the request to fix it
             prompts.append(ids)
-        completions = generate(model, tokenizer, prompts, cfg, style, greedy, temperature)  # batched by the engine
+        completions = generate(model, tokenizer, prompts, cfg, style, greedy, temperature,  # batched by the engine
+                               desc=f"repair round {round_}")
         texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
         codes = [extract_code(text, style) for text in texts]
         requests = [ExecRequest(s["task_id"], program_for(s["task"], code, style), s["task"].test, s["task"].entry_point,

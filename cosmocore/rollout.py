@@ -119,9 +119,11 @@ def _sample_stream(model, tokenizer, items: list[tuple[object, list[int]]], cfg:
 
 
 def _sample(model, tokenizer, prompts: list[list[int]], cfg: RolloutConfig, style: str, greedy: bool, temperature: float,
-            with_scores: bool, capacity: int | None = None, stop: Callable[[str], bool] | None = None) -> list[Sampled]:
-    """One `Sampled` per prompt, in order (identical prompts are prefilled once)."""
-    done = dict(_sample_stream(model, tokenizer, list(enumerate(prompts)), cfg, style, greedy, temperature, with_scores, capacity, stop))
+            with_scores: bool, capacity: int | None = None, stop: Callable[[str], bool] | None = None,
+            desc: str | None = None) -> list[Sampled]:
+    """One `Sampled` per prompt, in order (identical prompts are prefilled once); a progress bar when `desc`."""
+    stream = _sample_stream(model, tokenizer, list(enumerate(prompts)), cfg, style, greedy, temperature, with_scores, capacity, stop)
+    done = dict(tqdm(stream, total=len(prompts), desc=desc, unit="sample", leave=False, disable=desc is None))
     return [done[i] for i in range(len(prompts))]
 
 
@@ -133,10 +135,11 @@ def sample(model, tokenizer, prompts: list[list[int]], cfg: RolloutConfig, style
     return _sample(model, tokenizer, prompts, cfg, style, greedy, temperature, with_scores, stop=stop)
 
 
-def generate(model, tokenizer, prompts: list[list[int]], cfg: RolloutConfig, style: str, greedy: bool, temperature: float) -> list[list[int]]:
+def generate(model, tokenizer, prompts: list[list[int]], cfg: RolloutConfig, style: str, greedy: bool, temperature: float,
+             desc: str | None = None) -> list[list[int]]:
     """Sample one completion per prompt (token ids): up to `engine_rows` rows at a time, identical
     prompts prefilled once, each row stopping as soon as its program is complete."""
-    return [s.ids for s in _sample(model, tokenizer, prompts, cfg, style, greedy, temperature, False)]
+    return [s.ids for s in _sample(model, tokenizer, prompts, cfg, style, greedy, temperature, False, desc=desc)]
 
 
 def _encode(model, tokenizer, tasks: list[Task], style: str, cfg: RolloutConfig) -> tuple[list[tuple[Task, list[int]]], int]:
