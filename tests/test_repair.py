@@ -76,7 +76,7 @@ def test_repair_at_k_and_mean_rounds(tiny_model_dir, config, monkeypatch):
     fixed_at = {"fa": 1, "fb": 2, "fc": None}  # fd passed already: not a repair candidate
     asked: dict[str, list[str]] = {name: [] for name in fixed_at}
 
-    def fake_generate(model, tokenizer, prompts, cfg, style, greedy, temperature):
+    def fake_generate(model, tokenizer, prompts, cfg, style, greedy, temperature, desc=None):
         out = []
         for ids in prompts:
             text = tokenizer.decode(ids)
