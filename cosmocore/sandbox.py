@@ -193,6 +193,13 @@ def _interpreter_paths() -> list[Path]:
     return sorted(p for p in paths if p.exists())
 
 
+def _interpreter() -> str:
+    """The interpreter the workers run. A virtual environment's by its own path (its pyvenv.cfg, found
+    from that path, makes it the environment); any other by the file its path links to, which lies in
+    the prefix the jail shows, where the link itself (say /tmp/x/python) may not."""
+    return sys.executable if sys.prefix != sys.base_prefix else os.path.realpath(sys.executable)
+
+
 class _Jail:
     """How workers are started under the isolation in force; built once per Sandbox."""
 
@@ -238,7 +245,7 @@ class _Jail:
             "uid": uid,
         }
         script = f"{JAIL_WORKER_DIR}/{WORKER_SCRIPT.name}" if self.isolation == "bwrap" else str(WORKER_SCRIPT)
-        python = [sys.executable, "-s", "-P", script, json.dumps(settings)]
+        python = [_interpreter(), "-s", "-P", script, json.dumps(settings)]
         env = {**JAIL_ENV, "HOME": scratch, "TMPDIR": scratch}
         # The isolation tool by the path found on the caller's PATH: the worker's own (`JAIL_ENV`, or
         # none under bwrap) misses one installed in, say, ~/.local/bin or a conda environment.
@@ -255,34 +262,64 @@ class _Jail:
         return folder
 
     def _bwrap_argv(self, env: dict[str, str]) -> list[str]:
-        argv = [shutil.which("bwrap"), *_bwrap_namespaces(), "--die-with-parent", "--new-session", "--ro-bind", "/", "/"]
-        # The caller's home and repository (keys, data, checkpoints) and any configured folder are
-        # replaced by empty ones; what the interpreter needs from them is shown again, read-only.
+        size = str(self.config.tmpfs_mb << 20)
+        argv = [shutil.which("bwrap"), *_bwrap_namespaces(), "--die-with-parent", "--new-session",
+                "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev"]
+        # Empty folders replace the host's: /tmp and /dev/shm become the samples' bounded scratch,
+        # /run loses the host's sockets, and the caller's home and repository (keys, data, checkpoints)
+        # and any configured folder vanish. A folder inside another is already hidden by it.
+        scratch = ["--perms", "1777", "--size", size]
+        blanks = {Path("/tmp"): scratch, Path("/dev/shm"): scratch, Path("/run"): ["--perms", "0755"]}
         hidden = {Path.home().resolve(), WORKER_SCRIPT.resolve().parent.parent,
                   *(Path(folder).expanduser().resolve() for folder in self.config.hide_paths)}
-        hidden = {folder for folder in hidden if folder.is_dir()}
-        for folder in sorted(hidden):
-            argv += ["--perms", "0755", "--tmpfs", str(folder)]
-        made: set[Path] = set()
-        shown: set[Path] = set()
-        for path in _interpreter_paths():
-            folder = next((folder for folder in hidden if folder in path.parents or folder == path), None)
-            if folder is None or shown & {path, *path.parents}:
-                continue  # not hidden, or inside a folder already shown
-            for parent in reversed(path.parents):  # bubblewrap would make them 0700: unreachable
-                if folder in parent.parents and parent not in made:
-                    made.add(parent)
-                    argv += ["--perms", "0755", "--dir", str(parent)]
-            shown.add(path)
-            argv += ["--ro-bind", str(path), str(path)]
-        argv += ["--perms", "1777", "--size", str(self.config.tmpfs_mb << 20), "--tmpfs", "/tmp",
-                 "--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--size", str(self.config.tmpfs_mb << 20),
-                 "--tmpfs", "/dev/shm", "--perms", "0755", "--tmpfs", "/run", "--perms", "0755", "--dir", JAIL_WORKER_DIR,
+        for folder in hidden:
+            if folder.is_dir():
+                blanks.setdefault(folder, ["--perms", "0755"])
+        roots = [folder for folder in sorted(blanks) if not any(other in folder.parents for other in blanks)]
+        for root in roots:
+            argv += [*blanks[root], "--tmpfs", str(root)]
+        argv += _reshown(_interpreter_paths(), roots)
+        # The worker script alone, at a fixed place: the checkout it comes from stays hidden.
+        argv += ["--perms", "0755", "--dir", JAIL_WORKER_DIR,
                  "--ro-bind", str(WORKER_SCRIPT.resolve()), f"{JAIL_WORKER_DIR}/{WORKER_SCRIPT.name}",
                  "--chdir", "/tmp", "--clearenv"]
         for key, value in env.items():
             argv += ["--setenv", key, value]
         return [*argv, "--"]
+
+
+def _reshown(paths: list[Path], roots: list[Path]) -> list[str]:
+    """bubblewrap arguments that show `paths` again, read-only at their own place, where they lie
+    inside one of the emptied folders `roots` (an interpreter in a virtual environment under /tmp or
+    the home), and nothing else of the host's folders around them.
+
+    The folders leading to a path are made in a small file system of their own at the top entry below
+    its root (bubblewrap would make them 0700, unreachable to the worker's uid), which is then made
+    read-only: so every entry the jail puts in the samples' scratch is a mount point, which the worker's
+    sweep leaves alone and no sample can write into."""
+    argv: list[str] = []
+    shown: list[Path] = []
+    made: set[Path] = set()
+    tops: list[Path] = []
+    for path in paths:  # sorted: a folder comes before what it holds
+        root = next((root for root in roots if root == path or root in path.parents), None)
+        if root is None or any(folder == path or folder in path.parents for folder in shown):
+            continue  # not hidden, or inside a folder already shown
+        shown.append(path)
+        if root in path.parent.parents:  # two levels below its root or deeper
+            top = root / path.relative_to(root).parts[0]
+            if top not in made:
+                made.add(top)
+                tops.append(top)
+                argv += ["--perms", "0755", "--tmpfs", str(top)]
+            for parent in reversed(path.parents):
+                if top in parent.parents and parent not in made:
+                    made.add(parent)
+                    argv += ["--perms", "0755", "--dir", str(parent)]
+        argv += ["--ro-bind", str(path), str(path)]
+    for top in tops:
+        argv += ["--remount-ro", str(top)]
+    return argv
 
 
 # ------------------------------------------------------------------------------------- workers

@@ -808,7 +808,8 @@ class Server:
         for root in (self.scratch, "/dev/shm"):
             if os.path.isdir(root) and os.access(root, os.W_OK):
                 for entry in os.scandir(root):
-                    _remove(entry.path)
+                    if not os.path.ismount(entry.path):  # the jail's own (an interpreter under /tmp), read-only
+                        _remove(entry.path)
         workdir = os.path.join(self.scratch, "sample")
         os.mkdir(workdir, 0o700)
         return workdir

@@ -10,14 +10,20 @@ import json
 import math
 import os
 import shutil
+import site
+import subprocess
+import sys
+import tempfile
 import textwrap
+from pathlib import Path
 
 import pytest
 
+import cosmocore
 from cosmocore.config import load_params
 from cosmocore.sandbox import ExecRequest, Sandbox, SandboxError, detect_test_style, run_jsonl
 from cosmocore.static_check import static_hallucinations
-from tests.conftest import outer_timeout
+from tests.conftest import REPO, outer_timeout
 
 GUARD_SECONDS = 30
 ADD_ONE = "def add_one(x):\n    return x + 1\n"
@@ -489,6 +495,105 @@ def test_forcing_an_unavailable_isolation_is_an_error(config, monkeypatch):
     monkeypatch.setattr("shutil.which", lambda name: None)
     with pytest.raises(SandboxError, match="bwrap"):
         Sandbox(config.model_copy(update={"isolation": "bwrap"}))
+
+
+# ------------------------------------------------------------- any checkout, any interpreter
+
+ELSEWHERE = """
+import json, sys
+import cosmocore.sandbox
+from cosmocore.config import SandboxConfig
+from cosmocore.sandbox import ExecRequest, Sandbox
+
+config, programs, test = SandboxConfig.model_validate_json(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
+with Sandbox(config) as pool:
+    results = pool.run([ExecRequest(f"t/{i}", program, test, "add_one", "humaneval")
+                        for i, program in enumerate(programs)])
+print(json.dumps({"sandbox": cosmocore.sandbox.__file__, "results": [[r.outcome, r.stderr] for r in results]}))
+"""
+CHECK_ONCE = "def check(candidate):\n    assert candidate(1) == 2\n"
+WRONG = "def add_one(x):\n    return x\n"
+# `shown`: what the jail put in its /tmp. Run twice: the second run finds /tmp swept of the first one's
+# litter and the interpreter still there (hence CHECK_ONCE: a second call would see its own litter).
+PEEK = """
+import os, sys
+def add_one(x):
+    problems = ['sees ' + path for path in {hidden!r} if os.path.exists(path)]
+    if sys.prefix != {prefix!r}:
+        problems.append('runs the interpreter of ' + sys.prefix)
+    if sorted(os.listdir('/tmp')) != {listing!r}:
+        problems.append('/tmp holds ' + repr(os.listdir('/tmp')))
+    for folder in [sys.prefix, *{shown!r}]:
+        try:
+            open(os.path.join(folder, 'litter'), 'w')
+            problems.append('writes into ' + folder)
+        except OSError:
+            pass
+    problems += [folder + ' is no mount point: the sweep would walk it'
+                 for folder in {shown!r} if not os.path.ismount(folder)]
+    open('/tmp/litter', 'w').close()
+    print(problems, file=sys.stderr)
+    return x + 1 if not problems else problems
+"""
+
+
+@pytest.fixture
+def spaced():
+    """A folder right below /tmp with a space in its name; gone after the test."""
+    folder = Path(tempfile.mkdtemp(prefix="cosmocore sandbox ", dir="/tmp"))
+    yield folder
+    shutil.rmtree(folder)
+
+
+def run_elsewhere(python: Path, code: Path, cwd: Path, config, programs: list[str]) -> tuple[str, list[list[str]]]:
+    """Run `programs` against CHECK_ONCE in a fresh process of `python` that imports cosmocore from
+    `code` and works in `cwd`; (its sandbox module's file, [outcome, stderr] per program). The test
+    interpreter's site-packages come along for an interpreter that has none (pydantic...): the jail
+    clears the environment, so its workers see only the interpreter's own."""
+    driver = cwd / "driver.py"
+    driver.write_text(ELSEWHERE)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(code), *site.getsitepackages()])}
+    solo = config.model_copy(update={"workers": 1, "preload_modules": []})
+    done = subprocess.run([str(python), str(driver), solo.model_dump_json(), json.dumps(programs), CHECK_ONCE],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=GUARD_SECONDS - 5)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.splitlines()[-1])
+    return report["sandbox"], report["results"]
+
+
+@pytest.mark.parametrize("interpreter", ["venv", "link"])
+def test_an_interpreter_under_tmp_serves_and_the_hosts_tmp_stays_hidden(config, spaced, interpreter):
+    """The interpreter lies under /tmp, at a path with a space: a virtual environment there (the
+    jail's /tmp is its own, so it shows that one folder again, read-only) or a link to the
+    interpreter. Files beside it and in the host's /tmp stay out of the samples' sight."""
+    if interpreter == "venv":
+        venv = spaced / "the venv"
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=15)
+        python, prefix, hidden, shown = venv / "bin" / "python", str(venv), [], [str(spaced)]
+    else:  # the link is not needed in the jail: the workers run the file it leads to
+        python = spaced / "the bin" / "python"
+        python.parent.mkdir()
+        python.symlink_to(sys.executable)
+        prefix, hidden, shown = sys.base_prefix, [str(python)], []
+    (spaced / "secret").write_text("x")
+    with tempfile.NamedTemporaryFile(prefix="cosmocore-secret-", dir="/tmp") as dropped:
+        listing = sorted(["sample", *(Path(folder).name for folder in shown)])
+        peek = textwrap.dedent(PEEK).format(hidden=[*hidden, str(spaced / "secret"), dropped.name], prefix=prefix,
+                                            listing=listing, shown=shown)
+        _, results = run_elsewhere(python, REPO, spaced, config, [ADD_ONE, WRONG, peek, peek])
+    assert [outcome for outcome, _ in results] == ["passed", "wrong_answer", "passed", "passed"], results
+
+
+def test_a_checkout_under_tmp_serves_and_stays_hidden(config, spaced):
+    """The code itself lies under /tmp, at a path with a space (the worker script is shown alone,
+    at a fixed place in the jail's own /run), and the samples do not see it."""
+    code = spaced / "check out"
+    shutil.copytree(Path(cosmocore.__file__).parent, code / "cosmocore", ignore=shutil.ignore_patterns("__pycache__"))
+    peek = textwrap.dedent(PEEK).format(hidden=[str(spaced), str(code / "cosmocore" / "sandbox_worker.py")],
+                                        prefix=sys.prefix, listing=["sample"], shown=[])
+    module, results = run_elsewhere(Path(sys.executable), code, spaced, config, [ADD_ONE, WRONG, peek, peek])
+    assert Path(module) == code / "cosmocore" / "sandbox.py"
+    assert [outcome for outcome, _ in results] == ["passed", "wrong_answer", "passed", "passed"], results
 
 
 # ------------------------------------------------------------------------------- hallucinations
