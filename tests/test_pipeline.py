@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -26,9 +28,31 @@ def _run(cmd: list[str], cwd: Path, env: dict, timeout: int = 900) -> subprocess
     return result
 
 
+def venv_beside(folder: Path) -> Path:
+    """A virtual environment in `folder` that sees this one's packages (a `.pth` adds its site folders)
+    and has its own `dvc` and `cosmocore` commands: what a user with a venv under /tmp has."""
+    venv = folder / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site_dir = next((venv / "lib").glob("python3*/site-packages"))
+    (site_dir / "outer.pth").write_text("".join(f"import site; site.addsitedir({p!r})\n" for p in site.getsitepackages()))
+    for command in ("dvc", "cosmocore"):
+        script = (Path(sys.executable).parent / command).read_text().split("\n", 1)[1]
+        (venv / "bin" / command).write_text(f"#!{venv / 'bin' / 'python'}\n{script}")
+        (venv / "bin" / command).chmod(0o755)
+    return venv
+
+
 @pytest.fixture(scope="module")
-def smoke_repo(tmp_path_factory):
-    repo = tmp_path_factory.mktemp("smoke") / "cosmocore"
+def smoke_repo():
+    """The repository cloned under /tmp, run with a virtual environment under /tmp (the sandbox hides the
+    host's /tmp from samples but must show the interpreter)."""
+    scratch = Path(tempfile.mkdtemp(prefix="cosmocore-smoke-", dir="/tmp"))
+    yield from _smoke_repo(scratch)
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _smoke_repo(scratch: Path):
+    repo, venv = scratch / "cosmocore", venv_beside(scratch)
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True)
     for name in files.stdout.splitlines():
         if name.startswith("data/") or not (REPO / name).is_file():
@@ -37,7 +61,7 @@ def smoke_repo(tmp_path_factory):
         shutil.copy2(REPO / name, repo / name)
     env = {
         **os.environ,
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "PATH": f"{venv / 'bin'}:{os.environ['PATH']}",
         "PREFECT_HOME": str(repo.parent / "prefect-home"),
         "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlruns.db'}",
         "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@invalid",
@@ -48,8 +72,9 @@ def smoke_repo(tmp_path_factory):
     _run(["git", "init", "-q"], repo, env)
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "commit", "-qm", "snapshot"], repo, env)
+    assert _run(["python", "-c", "import sys; print(sys.prefix)"], repo, env).stdout.strip() == str(venv)
     result = _run(["dvc", "exp", "run", "-S", "profile=smoke"], repo, env)
-    return repo, env, result
+    yield repo, env, result
 
 
 def test_smoke_experiment_leaves_metrics_for_base_and_trained_policies(smoke_repo):
