@@ -49,7 +49,7 @@ import torch
 from scipy.stats import rankdata
 from torch import nn
 
-from cosmocore.atomic import atomic_path
+from cosmocore.files import atomic_path
 from cosmocore.config import AffectConfig
 from cosmocore.errors import CosmoCoreError
 

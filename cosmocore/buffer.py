@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import numpy as np
 from numpy.typing import ArrayLike
 
-from cosmocore.atomic import atomic_path
+from cosmocore.files import atomic_path
 from cosmocore.config import BufferConfig
 from cosmocore.errors import CosmoCoreError
 from cosmocore.variants import REGISTRY, VARIANTS

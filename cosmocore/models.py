@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from cosmocore.atomic import atomic_path
+from cosmocore.files import atomic_path
 from cosmocore.config import ModelConfig
 from cosmocore.errors import CosmoCoreError
 from cosmocore.family import auto_class

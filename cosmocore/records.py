@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from cosmocore.atomic import atomic_path
+from cosmocore.files import atomic_path
 
 OUTCOMES = (
     "passed",

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from cosmocore.atomic import atomic_path
+from cosmocore.files import atomic_path
 from cosmocore.config import TrainConfig
 from cosmocore.distributed import SINGLE, Processes
 from cosmocore.family import auto_class

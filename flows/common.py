@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
@@ -17,20 +15,11 @@ CONFIG_DIR = Path("data/config")
 PR_SET_PDEATHSIG = 1  # prctl option: the signal a process gets when its parent dies
 
 
-def file_digest(*paths: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        path = Path(path)
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        for file in files:
-            digest.update(file.name.encode() + file.read_bytes())
-    return digest.hexdigest()[:16]
-
-
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     for noisy in ("httpx", "alembic", "mlflow", "urllib3", "great_expectations"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("cosmocore").setLevel(logging.INFO)  # Prefect sets the root logger to WARNING
 
 
 def run_main(main: Callable[[], object]) -> None:

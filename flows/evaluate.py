@@ -14,7 +14,7 @@ import pandas as pd
 from prefect import flow
 
 from cosmocore.alignment import answer, output_prediction_tasks
-from cosmocore.atomic import write_json
+from cosmocore.files import file_digest, write_json
 from cosmocore.config import load_config
 from cosmocore.datasets import guard_split
 from cosmocore.evaluation import evaluate_policy
@@ -24,7 +24,7 @@ from cosmocore.prompts import resolve_style
 from cosmocore.records import read_tasks, write_trajectories
 from cosmocore.rollout import RunIds
 from cosmocore.sandbox import Sandbox
-from flows.common import CONFIG_DIR, file_digest, run_main
+from flows.common import CONFIG_DIR, run_main
 from flows.tracking import Tracker
 
 
@@ -75,7 +75,7 @@ def evaluate_flow(policy: str, tasks_path: str = "data/prepared/eval.jsonl", tra
         write_json(Path(metrics_root) / f"{policy}.json", metrics)
         tracker.log_params({**tags, "eval": cfg.eval.model_dump()})
         if trained is not None:  # a content hash of the evaluated checkpoint
-            tracker.log_params({"policy_hash": file_digest(trained)})
+            tracker.log_params({"policy_hash": file_digest([trained])})
         tracker.log_metrics(metrics)
     print(f"evaluate {policy}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if "pass_at_" in k or k.endswith("hallucination_rate")))
     return metrics

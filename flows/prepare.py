@@ -9,7 +9,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from cosmocore.atomic import write_json
+from cosmocore.files import write_json
 from cosmocore.config import DataConfig, SandboxConfig, TrackingConfig, load_section
 from cosmocore.datasets import prepare
 from flows.common import CONFIG_DIR, run_main

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 from prefect import flow
 
-from cosmocore.atomic import write_json
+from cosmocore.files import write_json
 from cosmocore.config import load_config
 from cosmocore.report import ReportInputs, build_report
 from flows.common import CONFIG_DIR, run_main

@@ -196,7 +196,7 @@ def test_a_save_that_dies_half_way_leaves_the_previous_checkpoint(tmp_path, monk
 
     from cosmocore.models import load_policy
     from cosmocore.trainer import build_learner, load_checkpoint, save_checkpoint
-    from flows.train import _latest_checkpoint
+    from cosmocore.run import latest_checkpoint
 
     model, tokenizer = load_policy(tiny_model_dir, config.model)
     learner = build_learner(model, config.train, tokenizer.pad_token_id, 1.0)
@@ -219,7 +219,7 @@ def test_a_save_that_dies_half_way_leaves_the_previous_checkpoint(tmp_path, monk
 
     with pytest.raises(Killed):
         save_checkpoint(learner, tmp_path / "iter_1", {"loop": {"iteration": 2}}, also=die)
-    assert _latest_checkpoint(tmp_path) == tmp_path / "iter_0"  # the torn save is invisible
+    assert latest_checkpoint(tmp_path) == tmp_path / "iter_0"  # the torn save is invisible
 
     fresh_model, _ = load_policy(tiny_model_dir, config.model)
     fresh = build_learner(fresh_model, config.train, tokenizer.pad_token_id, 1.0)
@@ -231,30 +231,31 @@ def test_a_save_that_dies_half_way_leaves_the_previous_checkpoint(tmp_path, monk
         torch.testing.assert_close(restored[key], value, rtol=0, atol=0)
 
     save_checkpoint(learner, tmp_path / "iter_1", {"loop": {"iteration": 2}})  # the retry replaces the torn save
-    assert _latest_checkpoint(tmp_path) == tmp_path / "iter_1" and not list(tmp_path.glob(".*.tmp"))
+    assert latest_checkpoint(tmp_path) == tmp_path / "iter_1" and not list(tmp_path.glob(".*.tmp"))
 
 
 def test_the_fingerprint_covers_the_training_code(tmp_path, monkeypatch):
     """DVC re-runs training when its code changes; the run must then start afresh, not resume the state
-    the old code finished (which would train nothing and keep the old results)."""
-    import flows.train as train
+    the old code finished (which would train nothing and keep the old results). Every file of the
+    package counts, in every subpackage, and the inputs the flow names (config, tasks, model, itself)."""
+    from cosmocore import run
 
-    assert {"loop.py", "trainer.py", "mixing.py", "train.py"} <= {path.name for path in train.TRAINING_CODE}
-    monkeypatch.setattr(train, "CONFIG_DIR", tmp_path / "config")
-    for name in train.TRAINING_SECTIONS:
-        (tmp_path / "config").mkdir(exist_ok=True)
-        (tmp_path / "config" / f"{name}.json").write_text("{}")
-    (tmp_path / "tasks.jsonl").write_text("")
-    (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "config.json").write_text("{}")
-    source = tmp_path / "loop.py"
-    source.write_text("STEP = 1\n")
-    monkeypatch.setattr(train, "TRAINING_CODE", (source,))
+    assert run.CODE == Path(run.__file__).parent and (run.CODE / "loop.py").is_file()
+    package = tmp_path / "package"
+    (package / "rl").mkdir(parents=True)
+    (package / "rl" / "loop.py").write_text("STEP = 1\n")
+    (package / "rl" / "__pycache__").mkdir()
+    (tmp_path / "train.json").write_text("{}")
+    monkeypatch.setattr(run, "CODE", package)
 
     def fingerprint() -> str:
-        return train._fingerprint("cosmocore", 0, tmp_path / "tasks.jsonl", tmp_path / "model")
+        return run.fingerprint("cosmocore", 0, [tmp_path / "train.json"])
 
     before = fingerprint()
+    (package / "rl" / "__pycache__" / "loop.cpython-311.pyc").write_bytes(b"cache")
     assert fingerprint() == before  # unchanged code: a killed run resumes
-    source.write_text("STEP = 2\n")
-    assert fingerprint() != before
+    (package / "rl" / "loop.py").write_text("STEP = 2\n")
+    changed = fingerprint()
+    assert changed != before
+    (tmp_path / "train.json").write_text('{"lr": 1}')
+    assert fingerprint() != changed

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cosmocore.atomic import write_text
+from cosmocore.files import write_text
 from cosmocore.config import Config, load_params
 from cosmocore.datasets import prepare
 from cosmocore.errors import CosmoCoreError

@@ -1,13 +1,17 @@
-"""One way to write a file or a folder so that a crash at any moment leaves the old one or the new one,
-never a torn one: everything the pipeline persists (task tables, trajectories, buffers, checkpoints,
-taggers, metrics JSON, the tokenizer cache) goes through `atomic_path`."""
+"""Files the pipeline writes and compares.
+
+`atomic_path` is the one way to write a file or a folder so that a crash at any moment leaves the old
+one or the new one, never a torn one: everything the pipeline persists (task tables, trajectories,
+buffers, checkpoints, taggers, metrics JSON, the tokenizer cache) goes through it. `file_digest`
+fingerprints files (what a saved training state was made with, which policy was evaluated)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -48,6 +52,17 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 def write_json(path: str | os.PathLike, payload: dict) -> Path:
     """`payload` as indented JSON with sorted keys (numpy and other floats as plain numbers)."""
     return write_text(path, json.dumps(payload, indent=2, sort_keys=True, default=float) + "\n")
+
+
+def file_digest(paths: Iterable[str | os.PathLike]) -> str:
+    """A short digest of the files' names and bytes (a folder: every file in it, recursively, byte-code
+    caches left out)."""
+    digest = hashlib.sha256()
+    for path in map(Path, paths):
+        files = sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts) if path.is_dir() else [path]
+        for file in files:
+            digest.update(file.name.encode() + file.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _fsync(path: Path) -> None:

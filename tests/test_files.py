@@ -2,7 +2,7 @@
 
 import pytest
 
-from cosmocore.atomic import atomic_path, write_json
+from cosmocore.files import atomic_path, write_json
 
 
 class Crash(Exception):
