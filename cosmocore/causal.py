@@ -25,7 +25,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from cosmocore.config import RolloutConfig
-from cosmocore.policy import Scored, token_scores
+from cosmocore.scores import Scored, token_scores
 from cosmocore.sampling import NextTokens, Row, decoding, finish, select
 
 

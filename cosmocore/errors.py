@@ -6,3 +6,7 @@ with status 2 instead of a traceback."""
 
 class CosmoCoreError(Exception):
     """A problem with the user's inputs or environment, not a bug in CosmoCore."""
+
+
+class ModelUnavailable(CosmoCoreError, RuntimeError):
+    """The configured policy cannot be found or read."""

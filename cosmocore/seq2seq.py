@@ -25,8 +25,8 @@ from transformers import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
 from cosmocore.config import RolloutConfig
-from cosmocore.models import ModelUnavailable
-from cosmocore.policy import Scored, token_scores
+from cosmocore.errors import ModelUnavailable
+from cosmocore.scores import Scored, token_scores
 from cosmocore.sampling import NextTokens, Row, decoding, finish, select
 
 

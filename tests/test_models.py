@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from cosmocore.models import ModelUnavailable, embedded_gguf, load_policy, materialise, pick_dtype
+from cosmocore.errors import ModelUnavailable
+from cosmocore.models import embedded_gguf, load_policy, materialise, pick_dtype
 
 
 def test_the_embedded_gguf_ships_with_its_package():

@@ -1,4 +1,5 @@
-"""`dvc.yaml` cannot go stale: every stage depends on every file of ours its command runs.
+"""The code's import graph, function-level imports included: the package has no import cycle, and
+`dvc.yaml` cannot go stale, every stage depending on every file of ours its command runs.
 
 The command's entry module is followed through every `import` of `cosmocore`/`flows` it contains,
 function-level ones included, transitively, plus the scripts the code runs by path (a string literal
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -101,3 +103,50 @@ def test_the_import_walk_sees_function_level_imports_and_scripts():
     assert "cosmocore/sandbox_worker.py" in found  # run by path, never imported
     found = {str(f.relative_to(ROOT)) for f in imported_files(ROOT / "cosmocore" / "family.py")}
     assert {"cosmocore/causal.py", "cosmocore/seq2seq.py"} <= found  # imported inside functions
+
+
+def cycles(files: list[Path]) -> list[list[str]]:
+    """Strongly connected groups of more than one module (Tarjan), as paths relative to the repository."""
+    graph = {file: imported_files(file) for file in files}
+    index: dict[Path, int] = {}
+    low: dict[Path, int] = {}
+    stack: list[Path] = []
+    found: list[list[str]] = []
+
+    def visit(node: Path) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for other in graph.get(node, ()):
+            if other not in graph:
+                continue
+            if other not in index:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in stack:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            group = []
+            while not group or group[-1] != node:
+                group.append(stack.pop())
+            if len(group) > 1:
+                found.append(sorted(str(f.relative_to(ROOT)) for f in group))
+
+    for node in graph:
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_the_package_has_no_import_cycle():
+    files = [f for f in (ROOT / "cosmocore").rglob("*.py") if f.name != "__init__.py"]
+    assert not cycles(files), "modules that import each other (at any depth, inside functions too): " + str(cycles(files))
+
+
+def test_the_cycle_finder_finds_one(tmp_path, monkeypatch):
+    package = tmp_path / "cosmocore"
+    package.mkdir()
+    (package / "a.py").write_text("def f():\n    from cosmocore import b\n")
+    (package / "b.py").write_text("from cosmocore.a import f\n")
+    (package / "c.py").write_text("import cosmocore.a\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    assert cycles(sorted(package.glob("*.py"))) == [["cosmocore/a.py", "cosmocore/b.py"]]
