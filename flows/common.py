@@ -5,7 +5,6 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
-import logging
 import os
 import signal
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from cosmocore.errors import CosmoCoreError
+from cosmocore.logs import setup_logging
 
 CONFIG_DIR = Path("data/config")
 PR_SET_PDEATHSIG = 1  # prctl option: the signal a process gets when its parent dies
@@ -37,15 +37,9 @@ def file_digest(*paths: str | os.PathLike) -> str:
     return digest.hexdigest()[:16]
 
 
-def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    for noisy in ("httpx", "alembic", "mlflow", "urllib3", "great_expectations"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
 def run_main(main: Callable[[], object]) -> None:
     """Run a flow's entry point; a user-fixable error ends it with one line and status 2."""
-    setup_logging()
+    setup_logging("%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         main()
     except CosmoCoreError as error:
