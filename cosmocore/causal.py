@@ -94,7 +94,7 @@ def score_for_update(model, prompts: list[list[int]], completions: list[list[int
         prefix = model(input_ids=ids[:, :split], attention_mask=attention[:, :split], position_ids=positions[:, :split],
                        use_cache=True, logits_to_keep=1)
     out = model(input_ids=ids[:, split:], attention_mask=attention, position_ids=positions[:, split:],
-                past_key_values=prefix.past_key_values, use_cache=True, output_hidden_states=True)
+                cache=prefix.cache, use_cache=True, output_hidden_states=True)
     last = out.hidden_states[-1]
     scored = token_scores(out.logits[:, :-1], ids[:, split + 1 :], batch["completion_mask"], last[:, 1:], temperature)
     return scored, last[:, 0].float()
@@ -185,7 +185,7 @@ def prefill(model, prompts: list[list[int]], pad_id: int, reserve: int):
     attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     positions = (attention.cumsum(1) - 1).clamp(min=0)
     cache = _new_cache(reserve)
-    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
+    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, cache=cache,
                 use_cache=True, logits_to_keep=1)
     return cache, attention, positions, out.logits[:, -1]
 
@@ -195,7 +195,7 @@ def decode_step(model, tokens: torch.Tensor, attention: torch.Tensor, positions:
     and the hidden states when `hidden`) and the attention mask, one column longer."""
     attention = torch.cat([attention, attention.new_ones((len(tokens), 1))], dim=1)
     out = model(input_ids=tokens[:, None], attention_mask=attention, position_ids=positions[:, None],
-                past_key_values=cache, use_cache=True, logits_to_keep=1, output_hidden_states=hidden)
+                cache=cache, use_cache=True, logits_to_keep=1, output_hidden_states=hidden)
     return out, attention
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import runpy
 import sys
 
 from cosmocore.config import load_params, write_sections
 from cosmocore.errors import CosmoCoreError
+from cosmocore.logs import setup_logging
 
 BENCHMARKS = ("learning", "sandbox", "rollout", "decode", "buffer", "agreement")
 
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own arguments (cosmocore bench NAME --help)")
     bench.set_defaults(run=_bench)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s %(message)s")
+    setup_logging("%(name)s %(levelname)s %(message)s")
     try:
         args.run(args)
     except CosmoCoreError as error:

@@ -137,7 +137,7 @@ def _decode(model, groups, parts, batch: list[int], next_tokens: NextTokens, pad
 
         def step(decoder_ids: torch.Tensor):
             return model(encoder_outputs=BaseModelOutput(last_hidden_state=encoded), attention_mask=mask,
-                         decoder_input_ids=decoder_ids, past_key_values=cache, use_cache=True, output_hidden_states=with_scores)
+                         decoder_input_ids=decoder_ids, cache=cache, use_cache=True, output_hidden_states=with_scores)
 
         logits = step(torch.tensor([parts[r.group][1] for r in rows], device=device)).logits[:, -1].float()
         hidden_sum = logits.new_zeros((len(rows), model.config.hidden_size)) if with_scores else None

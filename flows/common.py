@@ -1,30 +1,23 @@
-"""Small helpers shared by the flows: paths, JSON output and logging set-up."""
+"""Small helpers shared by the flows: the config folder, the entry point's error handling, ending with the parent."""
 
 from __future__ import annotations
 
 import ctypes
-import logging
 import signal
 import sys
 from pathlib import Path
 from typing import Callable
 
 from cosmocore.errors import CosmoCoreError
+from cosmocore.logs import setup_logging
 
 CONFIG_DIR = Path("data/config")
 PR_SET_PDEATHSIG = 1  # prctl option: the signal a process gets when its parent dies
 
 
-def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    for noisy in ("httpx", "alembic", "mlflow", "urllib3", "great_expectations"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    logging.getLogger("cosmocore").setLevel(logging.INFO)  # Prefect sets the root logger to WARNING
-
-
 def run_main(main: Callable[[], object]) -> None:
     """Run a flow's entry point; a user-fixable error ends it with one line and status 2."""
-    setup_logging()
+    setup_logging("%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         main()
     except CosmoCoreError as error:

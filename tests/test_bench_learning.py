@@ -27,6 +27,10 @@ def test_smoke_learning_bench_reports_every_arm_against_the_base(tmp_path):
     out = tmp_path / "bench"
     done = _bench("--size", "smoke", "--arms", "grpo,cosmocore", "--out", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
+    # a default run's log: no deprecation warnings, and no library's INFO chatter (great_expectations' at import)
+    log = done.stdout + done.stderr
+    assert not re.findall(r".*(?:FutureWarning|DeprecationWarning|deprecated).*", log, re.IGNORECASE)
+    assert not re.findall(r"(?:^|\r)((?!cosmocore\.)\S+ INFO .*)", log, re.MULTILINE)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT learning ")]
     assert [line.split()[2] for line in lines] == ["base", "grpo", "cosmocore"]
     rows = {line.split()[2]: dict(field.split("=", 1) for field in line.split()[3:]) for line in lines}

@@ -4,7 +4,9 @@ prefill; bad input (long prompts, empty generations, out of memory)."""
 
 from __future__ import annotations
 
+import logging
 import math
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -15,7 +17,7 @@ from cosmocore import causal, sampling
 from cosmocore import rollout as engine
 from cosmocore.bench import decode as decode_bench
 from cosmocore.models import load_policy
-from cosmocore.policy import encode, score
+from cosmocore.policy import encode, score, score_for_update
 from cosmocore.records import Task
 from cosmocore.rollout import RunIds, rollout
 from cosmocore.sandbox import ExecResult
@@ -162,6 +164,26 @@ def test_decoding_runs_without_cudnn_attention(any_policy, config):
                   temperature=1.0, stop=never)
     assert enabled and not any(enabled)
     assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+def test_the_engine_calls_the_model_without_deprecated_arguments(any_policy, config, monkeypatch, caplog):
+    """No deprecation warning from the decode loops or the scoring passes in a run's log: the KV cache goes
+    in as `cache=` and comes back as `.cache`, the names the installed transformers asks for (its old name
+    `past_key_values` raises a FutureWarning in a forward pass and logs a warning when read from an output)."""
+    model, tokenizer = any_policy
+    # transformers logs each deprecation once per process and not through the root logger: an earlier
+    # test's call must not hide this one's, and caplog must see them
+    monkeypatch.setattr(logging.Logger, "warning_once", logging.Logger.warning)
+    monkeypatch.setattr(logging.getLogger("transformers"), "propagate", True)
+    prompts = [encode(model, tokenizer, text) for text in ("def f(x):\n", "import os\n", "class A:\n")]
+    # two rows at a time: a decoder-only policy's third prompt joins the running batch
+    cfg = config.rollout.model_copy(update={"max_new_tokens": 4, "batch_size": 2})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        drawn = engine.sample(model, tokenizer, prompts, cfg, "completion", greedy=True, temperature=1.0, with_scores=True)
+        score_for_update(model, prompts, [s.ids for s in drawn], tokenizer.pad_token_id, temperature=1.0)
+    assert [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))] == []
+    assert [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()] == []
 
 
 def test_long_prompts_are_truncated_or_skipped_and_counted(any_policy, config):
