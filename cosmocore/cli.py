@@ -21,7 +21,7 @@ def _config(args) -> None:
 
 
 def _exec(args) -> None:
-    from cosmocore.sandbox import run_jsonl
+    from cosmocore.sandbox.runner import run_jsonl
 
     counts = run_jsonl(args.samples, args.out, load_params(args.params).sandbox)
     print(json.dumps(counts, indent=2))

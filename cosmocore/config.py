@@ -200,7 +200,7 @@ class TrainConfig(Section):
     lora_alpha: Positive
     lora_dropout: Annotated[float, Field(ge=0.0, lt=1.0)]
     keep_checkpoints: PositiveInt
-    processes: PositiveInt  # data-parallel processes (`cosmocore.distributed`): one per GPU, or CPU processes
+    processes: PositiveInt  # data-parallel processes (`cosmocore.rl.distributed`): one per GPU, or CPU processes
 
     @property
     def updates_budget(self) -> int:

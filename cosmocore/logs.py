@@ -8,7 +8,7 @@ import logging
 import os
 
 OWN = ("cosmocore", "flows")
-# great_expectations sets this module's logger to INFO when it is imported (lazily, by `cosmocore.validation`),
+# great_expectations sets this module's logger to INFO when it is imported (lazily, by `cosmocore.data.validation`),
 # over any level set beforehand; it logs "Created temporary directory ..." at every validation
 GX_SELF_LEVELLED = "great_expectations.data_context.types.base"
 

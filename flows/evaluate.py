@@ -13,17 +13,17 @@ from pathlib import Path
 import pandas as pd
 from prefect import flow
 
-from cosmocore.alignment import answer, output_prediction_tasks
-from cosmocore.files import file_digest, write_json
+from cosmocore.alignment.coderl import answer, output_prediction_tasks
 from cosmocore.config import load_config
-from cosmocore.datasets import guard_split
-from cosmocore.evaluation import evaluate_policy
-from cosmocore.metrics import time_to_correction
-from cosmocore.models import load_policy
-from cosmocore.prompts import resolve_style
-from cosmocore.records import read_tasks, write_trajectories
-from cosmocore.rollout import RunIds
-from cosmocore.sandbox import Sandbox
+from cosmocore.data.datasets import guard_split
+from cosmocore.data.records import read_tasks, write_trajectories
+from cosmocore.evaluation.evaluate import evaluate_policy
+from cosmocore.evaluation.metrics import time_to_correction
+from cosmocore.files import file_digest, write_json
+from cosmocore.policy.models import load_policy
+from cosmocore.policy.prompts import resolve_style
+from cosmocore.rl.rollout import RunIds
+from cosmocore.sandbox.runner import Sandbox
 from flows.common import CONFIG_DIR, run_main
 from flows.tracking import Tracker
 

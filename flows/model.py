@@ -11,7 +11,7 @@ from pathlib import Path
 from prefect import flow
 
 from cosmocore.config import ModelConfig, TrackingConfig, load_section
-from cosmocore.models import materialise
+from cosmocore.policy.models import materialise
 from flows.common import CONFIG_DIR, run_main
 from flows.tracking import Tracker
 

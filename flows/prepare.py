@@ -9,9 +9,9 @@ from pathlib import Path
 
 from prefect import flow
 
-from cosmocore.files import write_json
 from cosmocore.config import DataConfig, SandboxConfig, TrackingConfig, load_section
-from cosmocore.datasets import prepare
+from cosmocore.data.datasets import prepare
+from cosmocore.files import write_json
 from flows.common import CONFIG_DIR, run_main
 from flows.tracking import Tracker
 

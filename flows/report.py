@@ -1,6 +1,6 @@
 """The report stage: read the held-out evaluations of the base model and every trained variant and
 seed, and their training logs; write the DVC metrics file, the markdown report with its plots and the
-numbers it states (`cosmocore.report` computes them), and log the report to MLflow.
+numbers it states (`cosmocore.evaluation.report` computes them), and log the report to MLflow.
 
     python -m flows.report
 """
@@ -13,9 +13,9 @@ from pathlib import Path
 import pandas as pd
 from prefect import flow
 
-from cosmocore.files import write_json
 from cosmocore.config import load_config
-from cosmocore.report import ReportInputs, build_report
+from cosmocore.evaluation.report import ReportInputs, build_report
+from cosmocore.files import write_json
 from flows.common import CONFIG_DIR, run_main
 from flows.tracking import Tracker
 

@@ -1,8 +1,8 @@
-"""The training stage for one variant and seed: `cosmocore.run.train` (rollout → tag → gate → nocturnal
+"""The training stage for one variant and seed: `cosmocore.rl.run.train` (rollout → tag → gate → nocturnal
 train, iterated, with checkpoints and resume) as a Prefect flow whose steps are tasks, tracked in MLflow.
 
 With `train.processes: N` (N > 1) the stage starts itself again as N data-parallel processes
-(`cosmocore.distributed`): the main one runs this Prefect flow and writes every output, the others run
+(`cosmocore.rl.distributed`): the main one runs this Prefect flow and writes every output, the others run
 the flow's body without a flow run of their own.
 
     python -m flows.train --variant cosmocore --seed 0
@@ -23,10 +23,10 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 
-from cosmocore import run
 from cosmocore.config import ModelConfig, load_config
-from cosmocore.distributed import is_main_process, launched_world_size, uses_cpu
 from cosmocore.errors import CosmoCoreError
+from cosmocore.rl import run
+from cosmocore.rl.distributed import is_main_process, launched_world_size, uses_cpu
 from flows.common import CONFIG_DIR, die_with_parent, run_main
 from flows.tracking import Tracker
 
@@ -66,7 +66,7 @@ def _relaunch(variant: str, seed: int, processes: int, model: ModelConfig) -> in
     """Run this stage as `processes` processes on this machine and wait for them: torchrun, the launcher
     `accelerate launch` itself uses for several local processes (its `--cpu` mode would start one: it
     launches multi-CPU runs through MPI). Each process sets itself up from the launcher's environment
-    (`cosmocore.distributed.start`); they inherit this one's Prefect server, and stop if it dies."""
+    (`cosmocore.rl.distributed.start`); they inherit this one's Prefect server, and stop if it dies."""
     if not uses_cpu(model) and torch.cuda.device_count() < processes:  # NCCL cannot put two processes on one GPU
         raise CosmoCoreError(f"train.processes is {processes} but this machine has {torch.cuda.device_count()} GPU(s): "
                              "set it to at most that many, or model.device to cpu for CPU processes")

@@ -40,7 +40,7 @@ def config():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, config):
     """A two-layer Llama with the embedded model's tokenizer, materialised like the smoke profile's."""
-    from cosmocore.models import materialise
+    from cosmocore.policy.models import materialise
 
     cfg = config.model.model_copy(update={"source": "tiny"})
     return materialise(cfg, tmp_path_factory.mktemp("tiny"))
@@ -50,7 +50,7 @@ def tiny_model_dir(tmp_path_factory, config):
 def tiny_t5_dir(tmp_path_factory, config):
     """A two-layer T5 (CodeT5-small's architecture) with the embedded model's tokenizer and no chat template,
     built from a config and then materialised as a local folder is (`model.source: <folder>`)."""
-    from cosmocore.models import materialise
+    from cosmocore.policy.models import materialise
 
     built = materialise(config.model.model_copy(update={"source": "tiny", "tiny_arch": "t5"}), tmp_path_factory.mktemp("t5"))
     return materialise(config.model.model_copy(update={"source": str(built)}), tmp_path_factory.mktemp("t5-copied"))

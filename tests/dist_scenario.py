@@ -20,13 +20,13 @@ import numpy as np
 import torch
 
 from cosmocore.config import Config, load_params
-from cosmocore.distributed import Processes, start
-from cosmocore.loop import LoopState, gate, nocturnal, tag
-from cosmocore.mixing import make_buffer
-from cosmocore.models import load_policy
-from cosmocore.policy import score
-from cosmocore.records import Trajectory
-from cosmocore.trainer import build_learner
+from cosmocore.data.records import Trajectory
+from cosmocore.policy.interface import score
+from cosmocore.policy.models import load_policy
+from cosmocore.rl.distributed import Processes, start
+from cosmocore.rl.loop import LoopState, gate, nocturnal, tag
+from cosmocore.rl.mixing import make_buffer
+from cosmocore.rl.trainer import build_learner
 
 REPO = Path(__file__).resolve().parent.parent
 VARIANT, SEED = "cosmocore", 0

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from cosmocore import affect
-from cosmocore.affect import (
+from cosmocore.config import AffectConfig, load_params
+from cosmocore.data.records import Trajectory
+from cosmocore.rl import affect
+from cosmocore.rl.affect import (
     AffectTagger,
     LabelsError,
     affect_targets,
@@ -22,9 +24,7 @@ from cosmocore.affect import (
     train_tagger,
     update_task_stats,
 )
-from cosmocore.config import AffectConfig, load_params
-from cosmocore.loop import LoopState, tag
-from cosmocore.records import Trajectory
+from cosmocore.rl.loop import LoopState, tag
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -27,7 +27,7 @@ from cosmocore.bench.agreement import (
     unittest_reference_one,
 )
 from cosmocore.config import load_params
-from cosmocore.sandbox import Sandbox
+from cosmocore.sandbox.runner import Sandbox
 from tests.conftest import outer_timeout
 
 GUARD_SECONDS = 120

@@ -9,8 +9,8 @@ import random
 import pytest
 from pydantic import ValidationError
 
-from cosmocore import alignment
-from cosmocore.alignment import (
+from cosmocore.alignment import coderl as alignment
+from cosmocore.alignment.coderl import (
     AlignmentTask,
     alignment_chat_prompt,
     alignment_prompt,
@@ -19,8 +19,8 @@ from cosmocore.alignment import (
     output_prediction_tasks,
 )
 from cosmocore.config import AlignmentConfig, load_params
-from cosmocore.records import Task, Trajectory
-from cosmocore.sandbox import Sandbox
+from cosmocore.data.records import Task, Trajectory
+from cosmocore.sandbox.runner import Sandbox
 
 EXPECTED_STATS = dict.fromkeys(("built", *alignment.SKIPS), 0)
 

@@ -3,17 +3,17 @@
 import pytest
 import torch
 
-from cosmocore import alignment
+from cosmocore.alignment import coderl as alignment
 
 
 @pytest.mark.parametrize("model_dir", ["tiny_model_dir", "tiny_t5_dir"])
 def test_answers_carry_the_behaviour_policys_scores(model_dir, config, request):
     """Alignment answers are trajectories like code rollouts: one log-prob per completion token, those a
     fresh scoring pass gives, after the answer's start that was written for the model."""
-    from cosmocore.models import load_policy
-    from cosmocore.policy import score
-    from cosmocore.prompts import resolve_style
-    from cosmocore.rollout import RunIds
+    from cosmocore.policy.models import load_policy
+    from cosmocore.policy.interface import score
+    from cosmocore.policy.prompts import resolve_style
+    from cosmocore.rl.rollout import RunIds
 
     model, tokenizer = load_policy(request.getfixturevalue(model_dir), config.model)
     question = alignment.AlignmentTask("t/align/0", "t", "", "def f(x):\n    y = x + 1\n    return y\n", "f(1)", 2, {"y": 2},

@@ -21,17 +21,17 @@ import math
 import pytest
 import torch
 
-from cosmocore.datasets import load_humaneval
-from cosmocore.loop import LoopState, align, gate, nocturnal, tag
-from cosmocore.mixing import KindMix, make_buffer
-from cosmocore.models import load_policy
-from cosmocore.policy import score
-from cosmocore.prompts import error_feedback, extract_code, program_for, resolve_style
-from cosmocore.records import Task, Trajectory
-from cosmocore.rewards import reward_for
-from cosmocore.rollout import RunIds, rollout
-from cosmocore.sandbox import ExecRequest, Sandbox
-from cosmocore.trainer import build_learner
+from cosmocore.data.datasets import load_humaneval
+from cosmocore.data.records import Task, Trajectory
+from cosmocore.policy.interface import score
+from cosmocore.policy.models import load_policy
+from cosmocore.policy.prompts import error_feedback, extract_code, program_for, resolve_style
+from cosmocore.rl.loop import LoopState, align, gate, nocturnal, tag
+from cosmocore.rl.mixing import KindMix, make_buffer
+from cosmocore.rl.rewards import reward_for
+from cosmocore.rl.rollout import RunIds, rollout
+from cosmocore.rl.trainer import build_learner
+from cosmocore.sandbox.runner import ExecRequest, Sandbox
 from cosmocore.variants import ALIGNMENT_VARIANTS
 
 SEED = 0

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from cosmocore.buffer import GATES, BufferFileError, ReplayBuffer, SumTree, gate
 from cosmocore.config import BufferConfig, load_params
+from cosmocore.rl.buffer import GATES, BufferFileError, ReplayBuffer, SumTree, gate
 from cosmocore.variants import REGISTRY
 
 ROOT = Path(__file__).resolve().parents[1]

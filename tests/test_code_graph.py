@@ -3,7 +3,7 @@
 
 The command's entry module is followed through every `import` of `cosmocore`/`flows` it contains,
 function-level ones included, transitively, plus the scripts the code runs by path (a string literal
-naming a `.py` file beside the module, e.g. `sandbox_worker.py`). A stage whose `deps` miss one of them
+naming a `.py` file beside the module, e.g. `sandbox/worker.py`). A stage whose `deps` miss one of them
 would keep old outputs standing after that file changed."""
 
 from __future__ import annotations
@@ -99,10 +99,10 @@ def test_every_stage_depends_on_the_code_it_runs(name):
 
 
 def test_the_import_walk_sees_function_level_imports_and_scripts():
-    found = {str(f.relative_to(ROOT)) for f in closure(ROOT / "cosmocore" / "sandbox.py")}
-    assert "cosmocore/sandbox_worker.py" in found  # run by path, never imported
-    found = {str(f.relative_to(ROOT)) for f in imported_files(ROOT / "cosmocore" / "family.py")}
-    assert {"cosmocore/causal.py", "cosmocore/seq2seq.py"} <= found  # imported inside functions
+    found = {str(f.relative_to(ROOT)) for f in closure(ROOT / "cosmocore" / "sandbox" / "runner.py")}
+    assert "cosmocore/sandbox/worker.py" in found  # run by path, never imported
+    found = {str(f.relative_to(ROOT)) for f in imported_files(ROOT / "cosmocore" / "policy" / "family.py")}
+    assert {"cosmocore/policy/causal.py", "cosmocore/policy/seq2seq.py"} <= found  # imported inside functions
 
 
 def cycles(files: list[Path]) -> list[list[str]]:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from cosmocore import datasets as ds
 from cosmocore.config import DataConfig, load_params
-from cosmocore.records import read_tasks, write_tasks
+from cosmocore.data import datasets as ds
+from cosmocore.data.records import read_tasks, write_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_BCB = ROOT.parent / "shared" / "data" / "bigcodebench"
@@ -94,7 +94,7 @@ def test_a_given_path_that_does_not_exist_is_not_silently_replaced_by_the_hub(tm
 
 
 def test_prepare_continues_with_humaneval_when_allowed(tmp_path, offline_hub, monkeypatch):
-    from cosmocore import validation
+    from cosmocore.data import validation
 
     monkeypatch.setattr(validation, "check_reference_solutions", lambda tasks, cfg: {})
     sandbox_cfg = load_params(ROOT / "params.yaml").sandbox
@@ -107,7 +107,7 @@ def test_prepare_continues_with_humaneval_when_allowed(tmp_path, offline_hub, mo
 
 
 def test_prepare_fails_when_too_many_reference_solutions_fail(tmp_path, monkeypatch):
-    from cosmocore import validation
+    from cosmocore.data import validation
 
     two_fail = lambda tasks, cfg: {t.task_id: "timeout" for t in tasks[:2]}  # noqa: E731
     monkeypatch.setattr(validation, "check_reference_solutions", two_fail)
@@ -160,7 +160,7 @@ def test_prepare_end_to_end_with_the_sandbox(tmp_path, bcb_file, monkeypatch):
 
 
 def test_evaluation_refuses_a_task_of_the_training_split():
-    from cosmocore.datasets import SplitLeak, guard_split
+    from cosmocore.data.datasets import SplitLeak, guard_split
 
     guard_split({"HumanEval/1", "HumanEval/2"}, {"HumanEval/3"})  # disjoint: fine
     with pytest.raises(SplitLeak, match="HumanEval/2"):
@@ -171,7 +171,7 @@ def test_evaluation_refuses_a_task_of_the_training_split():
 def test_cross_benchmark_trains_on_one_split_and_evaluates_on_the_others_held_out_split(
     tmp_path, bcb_file, monkeypatch, trained, evaluated
 ):
-    from cosmocore import validation
+    from cosmocore.data import validation
 
     monkeypatch.delenv(ds.ENV_BIGCODEBENCH, raising=False)
     monkeypatch.setattr(validation, "check_reference_solutions", lambda tasks, cfg: {})
@@ -199,7 +199,7 @@ def test_cross_benchmark_trains_on_one_split_and_evaluates_on_the_others_held_ou
 
 
 def test_a_missing_benchmark_chosen_alone_for_a_side_fails_saying_how_to_provide_it(tmp_path, offline_hub, monkeypatch):
-    from cosmocore import validation
+    from cosmocore.data import validation
 
     monkeypatch.setattr(validation, "check_reference_solutions", lambda tasks, cfg: {})
     sandbox_cfg = load_params(ROOT / "params.yaml").sandbox

@@ -1,4 +1,4 @@
-"""Data parallelism (`cosmocore.distributed`) with two CPU processes talking through gloo, started by
+"""Data parallelism (`cosmocore.rl.distributed`) with two CPU processes talking through gloo, started by
 torchrun as they would be on GPUs (NCCL), where no GPU is at hand.
 
 - The loop's own steps (`tests/dist_scenario.py`: rollouts sharded and gathered, tag, gate, nocturnal
@@ -65,7 +65,7 @@ def scenario_dir(tmp_path_factory, tiny_model_dir) -> Path:
 
 def _ended_with(folder: Path, rank: int) -> tuple[dict, object]:
     """What process `rank` of a scenario run wrote: its results, and its buffer (loaded afresh: tests use it up)."""
-    from cosmocore.buffer import ReplayBuffer
+    from cosmocore.rl.buffer import ReplayBuffer
 
     buffer = ReplayBuffer.load(folder / f"buffer{rank}.pt", dist_scenario.scenario_config().buffer)
     return torch.load(folder / f"rank{rank}.pt", weights_only=False), buffer

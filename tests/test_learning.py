@@ -21,14 +21,14 @@ import numpy as np
 import pytest
 import torch
 
-from cosmocore.affect import AffectTagger, affect_targets, predict
-from cosmocore.buffer import ReplayBuffer
-from cosmocore.loop import LoopState, gate, nocturnal, tag
-from cosmocore.models import load_policy
-from cosmocore.policy import score
-from cosmocore.records import Trajectory
-from cosmocore.rollout import generate
-from cosmocore.trainer import build_learner
+from cosmocore.data.records import Trajectory
+from cosmocore.policy.interface import score
+from cosmocore.policy.models import load_policy
+from cosmocore.rl.affect import AffectTagger, affect_targets, predict
+from cosmocore.rl.buffer import ReplayBuffer
+from cosmocore.rl.loop import LoopState, gate, nocturnal, tag
+from cosmocore.rl.rollout import generate
+from cosmocore.rl.trainer import build_learner
 
 SEED = 0
 N_TOKENS = 8

@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from cosmocore.bench.learning import compare
-from cosmocore.buffer import ReplayBuffer
-from cosmocore.loop import group_statistics, nocturnal, set_baselines
-from cosmocore.models import load_policy
-from cosmocore.policy import encode, score
-from cosmocore.report import resample_indices
-from cosmocore.rollout import generate
-from cosmocore.trainer import build_learner
+from cosmocore.evaluation.report import resample_indices
+from cosmocore.policy.interface import encode, score
+from cosmocore.policy.models import load_policy
+from cosmocore.rl.buffer import ReplayBuffer
+from cosmocore.rl.loop import group_statistics, nocturnal, set_baselines
+from cosmocore.rl.rollout import generate
+from cosmocore.rl.trainer import build_learner
 
 PASS, WRONG, SYNTAX, HALLUCINATED = 1.0, 0.0, -0.5, -1.0
 TEMPERATURE = 0.8

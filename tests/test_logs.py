@@ -14,7 +14,7 @@ from cosmocore.logs import GX_SELF_LEVELLED, setup_logging
 
 setup_logging("%(name)s %(levelname)s %(message)s")
 setup_logging("%(name)s %(levelname)s %(message)s")
-logging.getLogger("cosmocore.rollout").info("own info")
+logging.getLogger("cosmocore.rl.rollout").info("own info")
 logging.getLogger("flows.train").info("flow info")
 logging.getLogger("some_library").info("library info")
 logging.getLogger("some_library").warning("library warning")
@@ -30,7 +30,7 @@ def test_own_loggers_say_info_and_libraries_only_warnings():
     done = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stderr.splitlines() == [
-        "cosmocore.rollout INFO own info",
+        "cosmocore.rl.rollout INFO own info",
         "flows.train INFO flow info",
         "some_library WARNING library warning",
         "great_expectations.data_context.types.base WARNING gx warning",

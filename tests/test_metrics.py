@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cosmocore.metrics import (
+from cosmocore.evaluation.metrics import (
     bootstrap_ci,
     hallucination_rates,
     kaplan_meier_restricted_mean,

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cosmocore import mixing
-from cosmocore.buffer import BufferFileError, ReplayBuffer
 from cosmocore.config import BufferConfig, load_params
-from cosmocore.mixing import KindMix, load_buffer, make_buffer, part_configs
+from cosmocore.rl import mixing
+from cosmocore.rl.buffer import BufferFileError, ReplayBuffer
+from cosmocore.rl.mixing import KindMix, load_buffer, make_buffer, part_configs
 from cosmocore.variants import ALIGNMENT_VARIANTS
 from tests.test_buffer import assert_same_future
 

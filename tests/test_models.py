@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cosmocore.errors import ModelUnavailable
-from cosmocore.models import embedded_gguf, load_policy, materialise, pick_dtype
+from cosmocore.policy.models import embedded_gguf, load_policy, materialise, pick_dtype
 
 
 def test_the_embedded_gguf_ships_with_its_package():
@@ -53,7 +53,7 @@ def test_cuda_requested_without_cuda_fails_clearly(config, tiny_model_dir):
 def test_the_embedded_tokenizer_is_read_once_and_kept_the_same(tmp_path, monkeypatch):
     from transformers import AutoTokenizer
 
-    from cosmocore.models import load_embedded_tokenizer, tokenizer_cache
+    from cosmocore.policy.models import load_embedded_tokenizer, tokenizer_cache
 
     monkeypatch.setenv("COSMOCORE_CACHE", str(tmp_path))
     first = load_embedded_tokenizer()  # from the GGUF, then kept
@@ -72,7 +72,7 @@ def test_the_embedded_tokenizer_is_read_once_and_kept_the_same(tmp_path, monkeyp
 
 def test_a_fully_fine_tuned_policy_loads_in_place_of_the_base(tiny_model_dir, config, tmp_path):
     """Evaluation loads what training saved: without LoRA that is the whole model, not an adapter."""
-    from cosmocore.trainer import build_learner, save_policy
+    from cosmocore.rl.trainer import build_learner, save_policy
 
     model, tokenizer = load_policy(tiny_model_dir, config.model)
     learner = build_learner(model, config.train.model_copy(update={"lora": False}), tokenizer.pad_token_id, 1.0)
@@ -85,8 +85,8 @@ def test_a_fully_fine_tuned_policy_loads_in_place_of_the_base(tiny_model_dir, co
 
 def test_a_lora_policy_loads_merged_and_scores_as_it_trained(tiny_model_dir, config, tmp_path):
     """Evaluation loads a LoRA policy with its adapters merged into the weights: the same function, fewer kernels."""
-    from cosmocore.policy import score
-    from cosmocore.trainer import save_policy
+    from cosmocore.policy.interface import score
+    from cosmocore.rl.trainer import save_policy
     from tests.test_trainer import learner_with_live_adapters
 
     learner, tokenizer = learner_with_live_adapters(tiny_model_dir, config)

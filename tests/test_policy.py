@@ -3,9 +3,9 @@
 import torch
 import torch.nn.functional as F
 
-from cosmocore.models import load_policy
-from cosmocore.policy import score
-from cosmocore.rollout import generate
+from cosmocore.policy.interface import score
+from cosmocore.policy.models import load_policy
+from cosmocore.rl.rollout import generate
 
 
 def test_stored_logprobs_equal_a_fresh_unpadded_forward(tiny_model_dir, config):

@@ -1,5 +1,5 @@
-from cosmocore.prompts import build_prompt, extract_code, is_complete, program_for
-from cosmocore.records import Task
+from cosmocore.data.records import Task
+from cosmocore.policy.prompts import build_prompt, extract_code, is_complete, program_for
 
 TASK = Task(
     task_id="t/0", benchmark="humaneval",

@@ -7,12 +7,12 @@ import re
 
 import pytest
 
-from cosmocore import repair as repair_module
-from cosmocore.models import load_policy
-from cosmocore.prompts import error_feedback, repair_prompt
-from cosmocore.records import Task, Trajectory
-from cosmocore.repair import repair, repair_at_k
-from cosmocore.sandbox import ExecResult
+from cosmocore.data.records import Task, Trajectory
+from cosmocore.evaluation import repair as repair_module
+from cosmocore.evaluation.repair import repair, repair_at_k
+from cosmocore.policy.models import load_policy
+from cosmocore.policy.prompts import error_feedback, repair_prompt
+from cosmocore.sandbox.runner import ExecResult
 
 
 def _task(name: str) -> Task:

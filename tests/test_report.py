@@ -11,9 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cosmocore.metrics import bootstrap_ci, minimum_detectable_effect, time_to_correction
-from cosmocore.records import Trajectory, write_trajectories
-from cosmocore.report import TTC, Comparison, Estimate, build_report, fmt, render, split_policy
+from cosmocore.data.records import Trajectory, write_trajectories
+from cosmocore.evaluation.metrics import bootstrap_ci, minimum_detectable_effect, time_to_correction
+from cosmocore.evaluation.report import TTC, Comparison, Estimate, build_report, fmt, render, split_policy
 from flows.report import read_inputs
 
 HELDOUT = [f"HumanEval/{i}" for i in range(24)]

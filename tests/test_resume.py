@@ -44,8 +44,8 @@ def make_scratch(root: Path, tiny_model_dir: Path, n_tasks: int = 2, **train_cha
     """A repository layout under `root` with config (`_write_config`), `n_tasks` prepared tasks and the tiny
     model; the flows are copied so that everything a run writes (MLflow artifacts included) stays under
     `root`, with Prefect's and MLflow's databases. Returns the repository and the environment to run in."""
-    from cosmocore.datasets import load_humaneval
-    from cosmocore.records import write_tasks
+    from cosmocore.data.datasets import load_humaneval
+    from cosmocore.data.records import write_tasks
 
     repo = root / "repo"
     shutil.copytree(REPO / "flows", repo / "flows", ignore=shutil.ignore_patterns("__pycache__"))
@@ -105,7 +105,7 @@ def _kill_when(process: subprocess.Popen, log: Path, ready, timeout: float = 300
 
 
 def _buffer_ids(path: Path, repo: Path) -> list[str]:
-    from cosmocore.buffer import ReplayBuffer
+    from cosmocore.rl.buffer import ReplayBuffer
     from cosmocore.config import BufferConfig, load_section
 
     buffer = ReplayBuffer.load(path, load_section(repo / "data/config", BufferConfig))
@@ -194,9 +194,9 @@ def test_a_save_that_dies_half_way_leaves_the_previous_checkpoint(tmp_path, monk
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
     import torch
 
-    from cosmocore.models import load_policy
-    from cosmocore.trainer import build_learner, load_checkpoint, save_checkpoint
-    from cosmocore.run import latest_checkpoint
+    from cosmocore.policy.models import load_policy
+    from cosmocore.rl.trainer import build_learner, load_checkpoint, save_checkpoint
+    from cosmocore.rl.run import latest_checkpoint
 
     model, tokenizer = load_policy(tiny_model_dir, config.model)
     learner = build_learner(model, config.train, tokenizer.pad_token_id, 1.0)
@@ -238,9 +238,9 @@ def test_the_fingerprint_covers_the_training_code(tmp_path, monkeypatch):
     """DVC re-runs training when its code changes; the run must then start afresh, not resume the state
     the old code finished (which would train nothing and keep the old results). Every file of the
     package counts, in every subpackage, and the inputs the flow names (config, tasks, model, itself)."""
-    from cosmocore import run
+    from cosmocore.rl import run
 
-    assert run.CODE == Path(run.__file__).parent and (run.CODE / "loop.py").is_file()
+    assert run.CODE == Path(run.__file__).parents[1] and (run.CODE / "rl" / "loop.py").is_file()
     package = tmp_path / "package"
     (package / "rl").mkdir(parents=True)
     (package / "rl" / "loop.py").write_text("STEP = 1\n")

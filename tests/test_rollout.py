@@ -13,15 +13,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cosmocore import causal, sampling
-from cosmocore import rollout as engine
+from cosmocore.policy import causal
+
 from cosmocore.bench import decode as decode_bench
-from cosmocore.models import load_policy
-from cosmocore.policy import encode, score, score_for_update
-from cosmocore.records import Task
-from cosmocore.rollout import RunIds, rollout
-from cosmocore.sandbox import ExecResult
-from cosmocore.seq2seq import decoder_start, split
+from cosmocore.data.records import Task
+from cosmocore.policy import sampling
+from cosmocore.policy.interface import encode, score, score_for_update
+from cosmocore.policy.models import load_policy
+from cosmocore.policy.seq2seq import decoder_start, split
+from cosmocore.rl import rollout as engine
+from cosmocore.rl.rollout import RunIds, rollout
+from cosmocore.sandbox.runner import ExecResult
 
 IDS = RunIds(run="test", variant="cosmocore", seed=0, iteration=0)
 

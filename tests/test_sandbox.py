@@ -21,8 +21,8 @@ import pytest
 
 import cosmocore
 from cosmocore.config import load_params
-from cosmocore.sandbox import ExecRequest, Sandbox, SandboxError, detect_test_style, run_jsonl
-from cosmocore.static_check import static_hallucinations
+from cosmocore.sandbox.runner import ExecRequest, Sandbox, SandboxError, detect_test_style, run_jsonl
+from cosmocore.sandbox.static_check import static_hallucinations
 from tests.conftest import REPO, outer_timeout
 
 GUARD_SECONDS = 30
@@ -501,15 +501,15 @@ def test_forcing_an_unavailable_isolation_is_an_error(config, monkeypatch):
 
 ELSEWHERE = """
 import json, sys
-import cosmocore.sandbox
+import cosmocore.sandbox.runner
 from cosmocore.config import SandboxConfig
-from cosmocore.sandbox import ExecRequest, Sandbox
+from cosmocore.sandbox.runner import ExecRequest, Sandbox
 
 config, programs, test = SandboxConfig.model_validate_json(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
 with Sandbox(config) as pool:
     results = pool.run([ExecRequest(f"t/{i}", program, test, "add_one", "humaneval")
                         for i, program in enumerate(programs)])
-print(json.dumps({"sandbox": cosmocore.sandbox.__file__, "results": [[r.outcome, r.stderr] for r in results]}))
+print(json.dumps({"sandbox": cosmocore.sandbox.runner.__file__, "results": [[r.outcome, r.stderr] for r in results]}))
 """
 CHECK_ONCE = "def check(candidate):\n    assert candidate(1) == 2\n"
 WRONG = "def add_one(x):\n    return x\n"
@@ -589,10 +589,10 @@ def test_a_checkout_under_tmp_serves_and_stays_hidden(config, spaced):
     at a fixed place in the jail's own /run), and the samples do not see it."""
     code = spaced / "check out"
     shutil.copytree(Path(cosmocore.__file__).parent, code / "cosmocore", ignore=shutil.ignore_patterns("__pycache__"))
-    peek = textwrap.dedent(PEEK).format(hidden=[str(spaced), str(code / "cosmocore" / "sandbox_worker.py")],
+    peek = textwrap.dedent(PEEK).format(hidden=[str(spaced), str(code / "cosmocore" / "sandbox" / "worker.py")],
                                         prefix=sys.prefix, listing=["sample"], shown=[])
     module, results = run_elsewhere(Path(sys.executable), code, spaced, config, [ADD_ONE, WRONG, peek, peek])
-    assert Path(module) == code / "cosmocore" / "sandbox.py"
+    assert Path(module) == code / "cosmocore" / "sandbox" / "runner.py"
     assert [outcome for outcome, _ in results] == ["passed", "wrong_answer", "passed", "passed"], results
 
 
@@ -712,7 +712,7 @@ def test_the_isolation_tool_is_the_one_on_the_callers_path(config, isolation, tm
     monkeypatch.setenv("PATH", f"{wrapper.parent}:{os.environ['PATH']}")
     with Sandbox(config.model_copy(update={"isolation": isolation, "workers": 1, "preload_modules": []})) as pool:
         assert run(pool, ADD_ONE).outcome == "passed"
-    assert any("sandbox_worker" in line for line in calls.read_text().splitlines())
+    assert any("worker.py" in line for line in calls.read_text().splitlines())
 
 
 @pytest.mark.parametrize("isolation", ["unshare", "none"])

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from cosmocore.config import load_params
-from cosmocore.sandbox import ExecRequest, Sandbox
+from cosmocore.sandbox.runner import ExecRequest, Sandbox
 from tests.conftest import outer_timeout
 
 OUTER_TIMEOUT_S = 180

@@ -12,20 +12,20 @@ import math
 import pytest
 import torch
 
-from cosmocore import rollout as engine
-from cosmocore.alignment import ANSWER_PREFIX
+from cosmocore.alignment.coderl import ANSWER_PREFIX
 from cosmocore.bench.rollout import run_plain
-from cosmocore.loop import LoopState, gate, nocturnal, tag
-from cosmocore.mixing import make_buffer
-from cosmocore.models import load_policy
-from cosmocore.policy import encode, score
-from cosmocore.prompts import resolve_style
-from cosmocore.records import OUTCOMES
-from cosmocore.repair import repair
-from cosmocore.rollout import RunIds, rollout
-from cosmocore.sandbox import Sandbox
-from cosmocore.seq2seq import decoder_start, split
-from cosmocore.trainer import build_learner, load_checkpoint, save_checkpoint, save_policy
+from cosmocore.data.records import OUTCOMES
+from cosmocore.evaluation.repair import repair
+from cosmocore.policy.interface import encode, score
+from cosmocore.policy.models import load_policy
+from cosmocore.policy.prompts import resolve_style
+from cosmocore.policy.seq2seq import decoder_start, split
+from cosmocore.rl import rollout as engine
+from cosmocore.rl.loop import LoopState, gate, nocturnal, tag
+from cosmocore.rl.mixing import make_buffer
+from cosmocore.rl.rollout import RunIds, rollout
+from cosmocore.rl.trainer import build_learner, load_checkpoint, save_checkpoint, save_policy
+from cosmocore.sandbox.runner import Sandbox
 from tests.test_rollout import FakeSandbox, _task, assert_like_fresh
 
 IDS = RunIds(run="test", variant="cosmocore", seed=0, iteration=0)

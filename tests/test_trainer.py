@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from cosmocore.alignment import ANSWER_PREFIX
-from cosmocore.models import load_policy
-from cosmocore.policy import encode, score, score_for_update
+from cosmocore.alignment.coderl import ANSWER_PREFIX
+from cosmocore.policy.interface import encode, score, score_for_update
+from cosmocore.policy.models import load_policy
 from tests.test_rollout import _fresh
 
 
@@ -33,7 +33,7 @@ def test_the_training_pass_scores_exactly_like_the_rollout_pass(model_dir, confi
 def learner_with_live_adapters(model_dir, config):
     """A LoRA learner on the model in `model_dir` whose adapters change the function (they start as the
     identity, B = 0), and its tokenizer."""
-    from cosmocore.trainer import build_learner
+    from cosmocore.rl.trainer import build_learner
 
     model, tokenizer = load_policy(model_dir, config.model)
     learner = build_learner(model, config.train.model_copy(update={"lora": True}), tokenizer.pad_token_id, 0.8)
@@ -48,7 +48,7 @@ def learner_with_live_adapters(model_dir, config):
 def test_rollouts_sample_a_merged_copy_that_scores_like_the_learner(model_dir, config, request):
     """With LoRA, rollouts sample from a copy with the adapters merged in: the learner's function (the
     behaviour log-probs it records are the learner's), and the learner keeps its adapters untouched."""
-    from cosmocore.trainer import build_learner
+    from cosmocore.rl.trainer import build_learner
 
     folder = request.getfixturevalue(model_dir)
     learner, tokenizer = learner_with_live_adapters(folder, config)

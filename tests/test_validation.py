@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 
-from cosmocore.datasets import load_humaneval
-from cosmocore.records import Trajectory, trajectories_to_frame
-from cosmocore.validation import ValidationFailed, raise_for_failures, validate_tasks, validate_trajectories
+from cosmocore.data.datasets import load_humaneval
+from cosmocore.data.records import Trajectory, trajectories_to_frame
+from cosmocore.data.validation import ValidationFailed, raise_for_failures, validate_tasks, validate_trajectories
 
 
 def test_valid_tasks_pass():

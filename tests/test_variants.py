@@ -5,8 +5,8 @@ import pytest
 from pydantic import ValidationError
 
 from cosmocore.config import StudyConfig, load_params
-from cosmocore.mixing import KindMix, make_buffer
-from cosmocore.report import CONTROLS, TREATMENT
+from cosmocore.evaluation.report import CONTROLS, TREATMENT
+from cosmocore.rl.mixing import KindMix, make_buffer
 from cosmocore.variants import REGISTRY, VARIANTS
 from tests.conftest import REPO
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cosmocore.config import SandboxConfig, load_params
-from cosmocore.sandbox import ExecRequest, ExecResult, Sandbox
+from cosmocore.sandbox.runner import ExecRequest, ExecResult, Sandbox
 
 HUMANEVAL_TIMEOUT_S = 3.0  # the harness's own wall-clock timeout per sample (its README's default)
 BCB_TIMEOUT_S = 240.0  # BigCodeBench's TIMEOUT per task
@@ -182,7 +182,7 @@ os._exit(0)
 
 
 def bigcodebench_samples(path: str | None = None, libs: str = "numpy,pandas") -> list[Sample]:
-    from cosmocore.datasets import load_bigcodebench
+    from cosmocore.data.datasets import load_bigcodebench
 
     allowed = [] if libs == "all" else [lib for lib in libs.split(",") if lib]
     cfg = load_params().data.model_copy(update={"bigcodebench_path": path or bigcodebench_path(),

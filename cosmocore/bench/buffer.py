@@ -23,8 +23,8 @@ from collections.abc import Callable
 import cpprb
 import numpy as np
 
-from cosmocore.buffer import ReplayBuffer
 from cosmocore.config import load_params
+from cosmocore.rl.buffer import ReplayBuffer
 
 PAGE_BYTES = 4096
 

@@ -22,11 +22,11 @@ import time
 
 import torch
 
-from cosmocore.causal import decode_step, prefill
 from cosmocore.config import load_params
-from cosmocore.family import is_encoder_decoder
-from cosmocore.models import load_policy, materialise
-from cosmocore.sampling import decoding
+from cosmocore.policy.causal import decode_step, prefill
+from cosmocore.policy.family import is_encoder_decoder
+from cosmocore.policy.models import load_policy, materialise
+from cosmocore.policy.sampling import decoding
 
 WARMUP_STEPS = 3
 

@@ -32,24 +32,24 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cosmocore.files import write_text
 from cosmocore.config import Config, load_params
-from cosmocore.datasets import prepare
+from cosmocore.data.datasets import prepare
+from cosmocore.data.records import read_tasks, trajectories_to_frame
 from cosmocore.errors import CosmoCoreError
-from cosmocore.evaluation import GREEDY, SAMPLED, evaluate_policy
-from cosmocore.loop import LoopState, Training, run_iteration
-from cosmocore.metrics import minimum_detectable_effect, time_to_correction
-from cosmocore.mixing import make_buffer
-from cosmocore.models import load_policy, materialise
-from cosmocore.prompts import resolve_style
-from cosmocore.records import read_tasks, trajectories_to_frame
-from cosmocore.report import Estimate, interval, per_task_heldout, plot_heldout, plot_learning_curves, resample_indices, ttc_pairs_by_task
-from cosmocore.rollout import RunIds
-from cosmocore.sandbox import Sandbox
-from cosmocore.trainer import build_learner
+from cosmocore.evaluation.evaluate import GREEDY, SAMPLED, evaluate_policy
+from cosmocore.evaluation.metrics import minimum_detectable_effect, time_to_correction
+from cosmocore.evaluation.report import Estimate, interval, per_task_heldout, plot_heldout, plot_learning_curves, resample_indices, ttc_pairs_by_task
+from cosmocore.files import write_text
+from cosmocore.policy.models import load_policy, materialise
+from cosmocore.policy.prompts import resolve_style
+from cosmocore.rl.loop import LoopState, Training, run_iteration
+from cosmocore.rl.mixing import make_buffer
+from cosmocore.rl.rollout import RunIds
+from cosmocore.rl.trainer import build_learner
+from cosmocore.sandbox.runner import Sandbox
 from cosmocore.variants import REGISTRY, VARIANTS
 
-log = logging.getLogger("cosmocore.bench.learning")
+log = logging.getLogger(__name__)
 
 SIZES = ("smoke", "cpu", "gpu")
 ARMS = ("base", "on_policy", "grpo", "cosmocore")

@@ -5,7 +5,7 @@ model, max tokens and sampling settings.
 (a) plain: for every task and sample, `model.generate` on that one prompt (sampling with the rollout
     temperature and top-p and no top-k, as the engine does, up to `max_new_tokens`, stopping at
     end-of-sequence), then code extraction.
-(b) engine: `cosmocore.rollout.rollout` on the same tasks, with everything training needs (behaviour
+(b) engine: `cosmocore.rl.rollout.rollout` on the same tasks, with everything training needs (behaviour
     log-probs, entropy, pooled hidden state) and sandbox execution overlapped with generation.
 
 Completed programs per second is measured from prompts to extracted programs (stopping a sample as soon
@@ -31,12 +31,12 @@ import time
 import torch
 
 from cosmocore.config import load_params
-from cosmocore.datasets import load_humaneval
-from cosmocore.models import load_policy, materialise
-from cosmocore.policy import encode, generate_inputs
-from cosmocore.prompts import build_prompt, extract_code, program_for, resolve_style
-from cosmocore.rollout import RunIds, engine_rows, rollout
-from cosmocore.sandbox import Sandbox
+from cosmocore.data.datasets import load_humaneval
+from cosmocore.policy.interface import encode, generate_inputs
+from cosmocore.policy.models import load_policy, materialise
+from cosmocore.policy.prompts import build_prompt, extract_code, program_for, resolve_style
+from cosmocore.rl.rollout import RunIds, engine_rows, rollout
+from cosmocore.sandbox.runner import Sandbox
 
 
 def matmul_flops(size: int = 1024, seconds: float = 1.0) -> float:

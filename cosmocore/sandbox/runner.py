@@ -2,7 +2,7 @@
 
 Layout of an execution:
 
-    Sandbox.run ──threads──► _Worker (one per core) ══ pipe ══► jail: sandbox_worker.py server
+    Sandbox.run ──threads──► _Worker (one per core) ══ pipe ══► jail: worker.py server
                                                                   └─ fork per sample: rlimits,
                                                                      private folder, harness
 
@@ -12,7 +12,7 @@ RLIMIT_NPROC binds), which forks a fresh child per sample. The jail is paid once
 sample pays a fork. There are two pools of workers (one per core each, started on first use):
 one imports only the standard library, the other also `sandbox.preload_modules` (numpy, pandas),
 and a sample goes to the second only when its program or tests import beyond the standard library,
-because forking a server that holds pandas costs several times more than forking a light one. `sandbox_worker.py` reports raw facts; this module classifies them into the
+because forking a server that holds pandas costs several times more than forking a light one. `worker.py` reports raw facts; this module classifies them into the
 outcome classes of docs/design.md and adds the static half of the hallucination flag.
 """
 
@@ -41,16 +41,16 @@ from pathlib import Path
 from typing import Any
 
 from cosmocore.config import SandboxConfig
+from cosmocore.data.records import OUTCOMES
 from cosmocore.errors import CosmoCoreError
-from cosmocore.records import OUTCOMES
-from cosmocore.static_check import static_hallucinations
+from cosmocore.sandbox.static_check import static_hallucinations
 
 __all__ = ["ExecRequest", "ExecResult", "TraceResult", "Sandbox", "SandboxError", "run_jsonl",
            "static_hallucinations", "detect_test_style"]
 
-log = logging.getLogger("cosmocore.sandbox")
+log = logging.getLogger(__name__)
 
-WORKER_SCRIPT = Path(__file__).with_name("sandbox_worker.py")
+WORKER_SCRIPT = Path(__file__).with_name("worker.py")
 # Under bubblewrap the worker script is shown at a fixed place on a private /run (which also hides the
 # host's sockets), so a checkout anywhere, /tmp included, works.
 JAIL_WORKER_DIR = "/run/cosmocore"
@@ -270,7 +270,7 @@ class _Jail:
         # and any configured folder vanish. A folder inside another is already hidden by it.
         scratch = ["--perms", "1777", "--size", size]
         blanks = {Path("/tmp"): scratch, Path("/dev/shm"): scratch, Path("/run"): ["--perms", "0755"]}
-        hidden = {Path.home().resolve(), WORKER_SCRIPT.resolve().parent.parent,
+        hidden = {Path.home().resolve(), WORKER_SCRIPT.resolve().parents[2],  # the repository (or site-packages)
                   *(Path(folder).expanduser().resolve() for folder in self.config.hide_paths)}
         for folder in hidden:
             if folder.is_dir():

@@ -16,9 +16,9 @@ from typing import Any
 import pandas as pd
 
 from cosmocore.config import SandboxConfig
+from cosmocore.data.records import OUTCOMES, TRAJECTORY_COLUMNS, Task
 from cosmocore.errors import CosmoCoreError
-from cosmocore.records import OUTCOMES, TRAJECTORY_COLUMNS, Task
-from cosmocore.sandbox import ExecRequest, ExecResult, Sandbox
+from cosmocore.sandbox.runner import ExecRequest, ExecResult, Sandbox
 
 IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]*$"
 BENCHMARKS = ("humaneval", "bigcodebench")
@@ -90,7 +90,7 @@ def raise_for_failures(report: ValidationReport, what: str) -> None:
         f"{what} failed validation:\n  - "
         + "\n  - ".join(report.failures)
         + f"\nFix or remove the rows listed above (by id), or re-run the stage that wrote {what}; "
-        "if the schema itself changed, update cosmocore/validation.py together with cosmocore/records.py."
+        "if the schema itself changed, update cosmocore/data/validation.py together with cosmocore/data/records.py."
     )
 
 

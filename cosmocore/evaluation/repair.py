@@ -6,7 +6,7 @@ repair@k = of the samples that fail, the share that pass within k rounds; the me
 taken over the repaired samples. Fixes are generated with the rollout engine (batched, stopping each as
 soon as its program is complete) and executed in the one sandbox.
 
-    from cosmocore.repair import repair
+    from cosmocore.evaluation.repair import repair
     result = repair(model, tokenizer, {t.task_id: t for t in tasks}, failed, sandbox, cfg.rollout, style,
                     rounds=cfg.eval.repair_rounds, ks=cfg.eval.repair_k, temperature=cfg.eval.temperature)
     metrics |= result["metrics"]
@@ -21,13 +21,13 @@ import time
 import torch
 
 from cosmocore.config import RolloutConfig
-from cosmocore.policy import encode
-from cosmocore.prompts import error_feedback, extract_code, program_for, repair_prompt
-from cosmocore.records import Task, Trajectory
-from cosmocore.rollout import _execute, generate
-from cosmocore.sandbox import ExecRequest, Sandbox
+from cosmocore.data.records import Task, Trajectory
+from cosmocore.policy.interface import encode
+from cosmocore.policy.prompts import error_feedback, extract_code, program_for, repair_prompt
+from cosmocore.rl.rollout import _execute, generate
+from cosmocore.sandbox.runner import ExecRequest, Sandbox
 
-log = logging.getLogger("cosmocore.repair")
+log = logging.getLogger(__name__)
 
 
 def repair_at_k(rounds_taken: list[int | None], k: int) -> float:

@@ -21,21 +21,21 @@ from typing import Protocol
 
 import pandas as pd
 
-from cosmocore.files import file_digest, write_json, write_text
 from cosmocore.config import Config
-from cosmocore.distributed import start
-from cosmocore.loop import LoopState, Step, Training, direct, run_iteration
-from cosmocore.mixing import load_buffer, make_buffer
-from cosmocore.models import load_policy
-from cosmocore.prompts import resolve_style
-from cosmocore.records import read_tasks, write_trajectories
-from cosmocore.sandbox import Sandbox
-from cosmocore.trainer import build_learner, load_checkpoint, save_checkpoint, save_policy
+from cosmocore.data.records import read_tasks, write_trajectories
+from cosmocore.files import file_digest, write_json, write_text
+from cosmocore.policy.models import load_policy
+from cosmocore.policy.prompts import resolve_style
+from cosmocore.rl.distributed import start
+from cosmocore.rl.loop import LoopState, Step, Training, direct, run_iteration
+from cosmocore.rl.mixing import load_buffer, make_buffer
+from cosmocore.rl.trainer import build_learner, load_checkpoint, save_checkpoint, save_policy
+from cosmocore.sandbox.runner import Sandbox
 from cosmocore.variants import REGISTRY
 
-log = logging.getLogger("cosmocore.run")
+log = logging.getLogger(__name__)
 
-CODE = Path(__file__).parent  # every file of the package is part of a saved state's fingerprint
+CODE = Path(__file__).parents[1]  # every file of the package is part of a saved state's fingerprint
 
 
 class Observer(Protocol):

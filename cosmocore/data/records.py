@@ -1,6 +1,6 @@
 """The records that cross stage boundaries: tasks (prepare → everything) and trajectories
 (rollout → tag → gate → train). Both are stored as tables (jsonl for tasks, parquet for
-trajectories) and their schemas are checked at each boundary by `cosmocore.validation`."""
+trajectories) and their schemas are checked at each boundary by `cosmocore.data.validation`."""
 
 from __future__ import annotations
 

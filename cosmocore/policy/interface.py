@@ -3,8 +3,8 @@ completions, and score completions (per-token log-probs, mean entropy and a pool
 forward pass. Rollouts score to record the behaviour policy; the trainer scores (with gradients) the
 current one, so both see exactly the same numbers for the same weights.
 
-Each function hands over to the policy's architecture (`family.implementation`): `cosmocore.causal`
-for decoder-only models, `cosmocore.seq2seq` for encoder-decoder ones. Both build their results with
+Each function hands over to the policy's architecture (`family.implementation`): `cosmocore.policy.causal`
+for decoder-only models, `cosmocore.policy.seq2seq` for encoder-decoder ones. Both build their results with
 `scores.token_scores`, so the numbers are defined once.
 """
 
@@ -15,8 +15,8 @@ from collections.abc import Callable
 import torch
 
 from cosmocore.config import RolloutConfig
-from cosmocore.family import implementation
-from cosmocore.scores import Scored
+from cosmocore.policy.family import implementation
+from cosmocore.policy.scores import Scored
 
 
 def encode(model, tokenizer, text: str, answer_prefix: str = "") -> list[int]:

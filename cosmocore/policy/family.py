@@ -3,7 +3,7 @@ loads and runs it. A model's config says which it is (`is_encoder_decoder`: T5, 
 
 - `auto_class`: the `transformers` class that loads it (`models`, `trainer` checkpoints);
 - `implementation`: the module that encodes, samples and scores it (`policy` hands over to it):
-  `cosmocore.causal` or `cosmocore.seq2seq`, with the same functions and the same contracts.
+  `cosmocore.policy.causal` or `cosmocore.policy.seq2seq`, with the same functions and the same contracts.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ def auto_class(config):
 
 def implementation(config) -> ModuleType:
     if is_encoder_decoder(config):
-        from cosmocore import seq2seq
+        from cosmocore.policy import seq2seq
 
         return seq2seq
-    from cosmocore import causal
+    from cosmocore.policy import causal
 
     return causal

@@ -1,6 +1,6 @@
 """The program that runs inside the jail: a forking server, the test harness and the tracer.
 
-`cosmocore.sandbox` starts this file as a script (standard library only, so it imports nothing of
+`cosmocore.sandbox.runner` starts this file as a script (standard library only, so it imports nothing of
 the host's) once per worker, already jailed and running as the worker's own unprivileged uid. The
 server pre-imports what samples commonly need, then forks one child per request, ahead of it, in a
 fresh private folder; given its request, the child sets its resource limits and runs the harness.
@@ -9,7 +9,7 @@ requests, is what makes a sample cost milliseconds.
 
 Protocol on stdin/stdout: frames of a 4-byte big-endian length and a JSON object. The server
 answers each request with the raw facts (exit status, CPU time, output, the harness's record);
-`cosmocore.sandbox` turns them into an outcome class.
+`cosmocore.sandbox.runner` turns them into an outcome class.
 
 Why the harness, not the exit status, decides a pass: the sample runs in the harness's own process
 and can exit, print or raise anything. The harness writes its record, with a per-run secret nonce,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ast
 import re
 
-from cosmocore.records import Task
+from cosmocore.data.records import Task
 
 CHAT_INSTRUCTION = (
     "Complete the following Python function. Reply with the complete function in a single "

@@ -25,8 +25,8 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from cosmocore.config import RolloutConfig
-from cosmocore.scores import Scored, token_scores
-from cosmocore.sampling import NextTokens, Row, decoding, finish, select
+from cosmocore.policy.sampling import NextTokens, Row, decoding, finish, select
+from cosmocore.policy.scores import Scored, token_scores
 
 
 def encode(model, tokenizer, text: str, answer_prefix: str = "") -> list[int]:

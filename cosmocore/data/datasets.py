@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any, get_args
 
 from cosmocore.config import Benchmark, DataConfig, SandboxConfig
+from cosmocore.data.records import Task, write_tasks
 from cosmocore.errors import CosmoCoreError
-from cosmocore.records import Task, write_tasks
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +281,7 @@ def prepare(cfg: DataConfig, sandbox_cfg: SandboxConfig, out_dir: str | os.PathL
     the benchmark or the sandbox, not a few tasks, is broken. The summary says which benchmarks fed
     which table and, per benchmark, how many tasks were kept, invalid, and written to each table.
     """
-    from cosmocore.validation import check_reference_solutions, raise_for_failures, validate_tasks
+    from cosmocore.data.validation import check_reference_solutions, raise_for_failures, validate_tasks
 
     chosen = chosen_benchmarks(cfg)
     loaded, summary = _load_enabled(cfg, set(chosen["train"]) | set(chosen["eval"]))

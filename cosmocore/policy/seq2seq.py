@@ -1,5 +1,5 @@
 """Encoder-decoder policies (T5, CodeT5, BART, ...): prompt encoding, the scoring passes and the decode
-loop, with the functions and contracts of `cosmocore.causal`.
+loop, with the functions and contracts of `cosmocore.policy.causal`.
 
 A prompt's token ids hold all the policy is given without choosing it: the encoder's input, then the
 decoder's start token and any answer prefix written for the model (a CodeRL+ answer opens with
@@ -26,8 +26,8 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from cosmocore.config import RolloutConfig
 from cosmocore.errors import ModelUnavailable
-from cosmocore.scores import Scored, token_scores
-from cosmocore.sampling import NextTokens, Row, decoding, finish, select
+from cosmocore.policy.sampling import NextTokens, Row, decoding, finish, select
+from cosmocore.policy.scores import Scored, token_scores
 
 
 def decoder_start(model) -> int:

@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from cosmocore.metrics import (  # noqa: E402
+from cosmocore.evaluation.metrics import (  # noqa: E402
     TTCUnit,
     kaplan_meier_restricted_mean,
     minimum_detectable_effect,

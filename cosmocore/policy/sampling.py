@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cosmocore.config import RolloutConfig
-from cosmocore.prompts import is_complete
+from cosmocore.policy.prompts import is_complete
 
 NUCLEUS_CANDIDATES = 256  # top-p looks at the most likely tokens first, and sorts the vocabulary only when needed
 # Attention kernels for the decode loops: all of PyTorch's but cuDNN's, which builds an execution plan

@@ -8,11 +8,11 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from cosmocore.config import Config
-from cosmocore.metrics import hallucination_rates, mean_pass_at_k, outcome_taxonomy
-from cosmocore.records import Task, Trajectory
-from cosmocore.repair import repair
-from cosmocore.rollout import RunIds, rollout
-from cosmocore.sandbox import Sandbox
+from cosmocore.data.records import Task, Trajectory
+from cosmocore.evaluation.metrics import hallucination_rates, mean_pass_at_k, outcome_taxonomy
+from cosmocore.evaluation.repair import repair
+from cosmocore.rl.rollout import RunIds, rollout
+from cosmocore.sandbox.runner import Sandbox
 
 GREEDY, SAMPLED = "greedy_", ""  # metric-name prefixes of the two runs
 

@@ -32,8 +32,8 @@ import os
 import numpy as np
 from numpy.typing import ArrayLike
 
-from cosmocore.buffer import FORMAT_VERSION, Batch, ReplayBuffer, read_buffer_file, write_atomically
 from cosmocore.config import BufferConfig
+from cosmocore.rl.buffer import FORMAT_VERSION, Batch, ReplayBuffer, read_buffer_file, write_atomically
 from cosmocore.variants import REGISTRY
 
 KINDS = ("code", "alignment")

@@ -23,13 +23,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from cosmocore.files import atomic_path
 from cosmocore.config import TrainConfig
-from cosmocore.distributed import SINGLE, Processes
-from cosmocore.family import auto_class
-from cosmocore.policy import score, score_for_update
+from cosmocore.files import atomic_path
+from cosmocore.policy.family import auto_class
+from cosmocore.policy.interface import score, score_for_update
+from cosmocore.rl.distributed import SINGLE, Processes
 
-log = logging.getLogger("cosmocore.trainer")
+log = logging.getLogger(__name__)
 
 # The attention and MLP projections, by the names each architecture gives them: Llama-style decoders,
 # and T5-style encoder-decoders (CodeT5: q, k, v, o in self- and cross-attention; wi, wo, or wi_0, wi_1,

@@ -2,8 +2,8 @@
 and return one `Trajectory` per sample with everything tag, gate and train need.
 
 The decode loop belongs to the policy's architecture (`policy.stream`): continuous batching for
-decoder-only models (`cosmocore.causal`, where the speed comes from), batches grouped by prompt for
-encoder-decoder ones (`cosmocore.seq2seq`). Around it, whatever the architecture:
+decoder-only models (`cosmocore.policy.causal`, where the speed comes from), batches grouped by prompt for
+encoder-decoder ones (`cosmocore.policy.seq2seq`). Around it, whatever the architecture:
 - a task's k samples share one prompt, which is encoded (prefilled) once;
 - the behaviour log-probs, entropy and pooled hidden state come from the decode loop itself, equal to
   what `policy.score` computes: no second scoring pass;
@@ -23,16 +23,16 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from cosmocore import policy
 from cosmocore.config import RewardConfig, RolloutConfig
-from cosmocore.family import is_encoder_decoder
-from cosmocore.prompts import build_prompt, error_feedback, extract_code, program_for
-from cosmocore.records import Task, Trajectory
-from cosmocore.rewards import reward_for
-from cosmocore.sampling import Sampled
-from cosmocore.sandbox import ExecRequest, ExecResult, Sandbox
+from cosmocore.data.records import Task, Trajectory
+from cosmocore.policy import interface as policy
+from cosmocore.policy.family import is_encoder_decoder
+from cosmocore.policy.prompts import build_prompt, error_feedback, extract_code, program_for
+from cosmocore.policy.sampling import Sampled
+from cosmocore.rl.rewards import reward_for
+from cosmocore.sandbox.runner import ExecRequest, ExecResult, Sandbox
 
-log = logging.getLogger("cosmocore.rollout")
+log = logging.getLogger(__name__)
 
 # `rollout.batch_size: auto`. On a CPU a decoding step's cost grows with its rows, so more rows buy
 # little. On a GPU a small model's step costs its kernel launches, nearly the same for 16 rows as for

@@ -31,9 +31,9 @@ from typing import Any, TypeVar
 import numpy as np
 from numpy.typing import ArrayLike
 
-from cosmocore.files import atomic_path
 from cosmocore.config import BufferConfig
 from cosmocore.errors import CosmoCoreError
+from cosmocore.files import atomic_path
 from cosmocore.variants import REGISTRY, VARIANTS
 
 GATES = ("dream", "regular", "pruned")

@@ -2,7 +2,7 @@
 
 Each step is a plain function over a `LoopState` (what must survive a restart besides the policy and
 the buffer), so the Prefect training flow only chains them and checkpoints between iterations. Each
-takes the run's `Processes` (`cosmocore.distributed`, one process by default) and does its share of a
+takes the run's `Processes` (`cosmocore.rl.distributed`, one process by default) and does its share of a
 data-parallel run: afterwards every process holds the same trajectories, buffer and weights.
 """
 
@@ -16,18 +16,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cosmocore.affect import AffectTagger, affect_targets, fine_tune_on_labels, predict, train_tagger, update_task_stats
-from cosmocore.alignment import answer, build_alignment_tasks, pick_for_share
-from cosmocore.buffer import ReplayBuffer
+from cosmocore.alignment.coderl import answer, build_alignment_tasks, pick_for_share
 from cosmocore.config import AffectConfig, AlignmentConfig, Config, RewardConfig, RolloutConfig, TrainConfig
-from cosmocore.distributed import SINGLE, Processes
-from cosmocore.mixing import KindMix
-from cosmocore.records import Task, Trajectory, trajectories_to_frame
-from cosmocore.rollout import RunIds, rollout
-from cosmocore.sandbox import Sandbox
-from cosmocore.trainer import Learner
+from cosmocore.data.records import Task, Trajectory, trajectories_to_frame
+from cosmocore.data.validation import raise_for_failures, validate_trajectories
+from cosmocore.rl.affect import AffectTagger, affect_targets, fine_tune_on_labels, predict, train_tagger, update_task_stats
+from cosmocore.rl.buffer import ReplayBuffer
+from cosmocore.rl.distributed import SINGLE, Processes
+from cosmocore.rl.mixing import KindMix
+from cosmocore.rl.rollout import RunIds, rollout
+from cosmocore.rl.trainer import Learner
+from cosmocore.sandbox.runner import Sandbox
 from cosmocore.variants import REGISTRY
-from cosmocore.validation import raise_for_failures, validate_trajectories
 
 # What the trainer needs of a trajectory: the buffer holds these, not the whole record.
 ENTRY_FIELDS = ("trajectory_id", "iteration", "task_id", "kind", "prompt_ids", "completion_ids", "behaviour_logprobs", "reward",

@@ -1,0 +1,1 @@
+"""Executing generated programs in isolation and judging them: outcome classes and hallucination evidence."""
