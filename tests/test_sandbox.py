@@ -724,3 +724,20 @@ def test_fallback_isolations_give_the_same_verdicts(config, isolation):
         assert run(pool, "def add_one(x):\n    return x\n").outcome == "wrong_answer"
         assert run(pool, "def add_one(x):\n    while True:\n        pass\n").outcome == "timeout"
         assert run(pool, "import os\ndef add_one(x):\n    os._exit(0)\n").exception_type == "SystemExit"
+
+
+@pytest.mark.parametrize("isolation", ["bwrap", "unshare", "none"])
+@pytest.mark.parametrize("as_root", [True, False])
+def test_the_worker_empties_dev_shm_only_when_it_is_the_samples(config, monkeypatch, isolation, as_root):
+    """The jail's /dev/shm is its own, and a uid of the samples' own can only delete what samples made;
+    a worker running as the caller (root included) must leave the caller's shared memory alone."""
+    from cosmocore.sandbox import runner
+
+    monkeypatch.setattr(runner.os, "geteuid", lambda: 0 if as_root else 1000)
+    jail = runner._Jail(config.model_copy(update={"isolation": isolation}))
+    argv, _, scratch = jail.command(0, [])
+    if scratch:
+        shutil.rmtree(scratch, ignore_errors=True)
+    assert json.loads(argv[-1])["shared_memory"] is (isolation == "bwrap" or jail.own_uids)
+    if not as_root:
+        assert jail.own_uids is False

@@ -241,6 +241,9 @@ class _Jail:
             "limits": self.config.model_dump(),
             "scratch": scratch,
             "sweep": "all" if self.isolation != "none" or uid is not None else "group",
+            # /dev/shm is the samples' own only in the jail or under a uid of their own: elsewhere the
+            # worker runs as the caller, and emptying it would delete the caller's shared memory
+            "shared_memory": self.isolation == "bwrap" or uid is not None,
             "preload": [*PRELOAD_STDLIB, *preload],
             "uid": uid,
         }
@@ -369,6 +372,7 @@ class _Worker:
         self.index, self.jail, self.preload = index, jail, preload
         self.process: subprocess.Popen | None = None
         self.scratch: str | None = None
+        self.errors = None  # the worker's stderr, a temporary file read when it fails to start
 
     def start(self) -> None:
         argv, env, self.scratch = self.jail.command(self.index, self.preload)
@@ -378,10 +382,11 @@ class _Worker:
         try:
             hello = self._receive(time.monotonic() + STARTUP_SECONDS)
         except _WorkerLost as lost:
+            tail = self._error_tail()
             self.stop()
             raise SandboxError(
                 f"sandbox worker {self.index} did not start under isolation {self.jail.isolation!r} ({lost}): "
-                f"{self._error_tail()} — set sandbox.isolation to another mode, or fix the cause above") from None
+                f"{tail} — set sandbox.isolation to another mode, or fix the cause above") from None
         if not hello.get("ready"):
             self.stop()
             raise SandboxError(f"sandbox worker {self.index} answered {hello!r} instead of ready")
@@ -439,6 +444,9 @@ class _Worker:
             for stream in (self.process.stdin, self.process.stdout):
                 stream.close()
             self.process = None
+        if self.errors is not None:
+            self.errors.close()
+            self.errors = None
         if self.scratch:
             shutil.rmtree(self.scratch, ignore_errors=True)
             self.scratch = None

@@ -747,6 +747,7 @@ class Server:
         self.limits = settings["limits"]
         self.scratch = settings["scratch"]
         self.sweep_all = settings["sweep"] == "all"
+        self.scratch_roots = (self.scratch, "/dev/shm") if settings["shared_memory"] else (self.scratch,)
         self.sample: Sample | None = None
 
     def prepare(self) -> None:
@@ -805,7 +806,7 @@ class Server:
 
     def _fresh_workdir(self) -> str:
         """Empty the whole scratch folder: nothing a previous sample wrote survives it."""
-        for root in (self.scratch, "/dev/shm"):
+        for root in self.scratch_roots:
             if os.path.isdir(root) and os.access(root, os.W_OK):
                 for entry in os.scandir(root):
                     if not os.path.ismount(entry.path):  # the jail's own (an interpreter under /tmp), read-only
