@@ -40,6 +40,7 @@ from cosmocore.evaluation.evaluate import GREEDY, SAMPLED, evaluate_policy
 from cosmocore.evaluation.metrics import minimum_detectable_effect, time_to_correction
 from cosmocore.evaluation.report import Estimate, interval, per_task_heldout, plot_heldout, plot_learning_curves, resample_indices, ttc_pairs_by_task
 from cosmocore.files import write_text
+from cosmocore.logs import setup_logging
 from cosmocore.policy.models import load_policy, materialise
 from cosmocore.policy.prompts import resolve_style
 from cosmocore.rl.loop import LoopState, Training, run_iteration
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="override a knob of the size's profile, e.g. --set train.lora=true --set train.lr=2e-4")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(name)s %(levelname)s %(message)s")
+    setup_logging("%(name)s %(levelname)s %(message)s")  # as `cosmocore bench` does, for `python -m` too
     start = time.perf_counter()
     result = run(args.size, args.arms, args.out or Path(f"data/bench/learning-{args.size}"), args.params, args.set)
     print(f"learning bench: {time.perf_counter() - start:.0f} s in all; JSON and plots in {args.out or f'data/bench/learning-{args.size}'}")

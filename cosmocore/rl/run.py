@@ -54,13 +54,14 @@ def fingerprint(variant: str, seed: int, inputs: Iterable[str | os.PathLike]) ->
     return f"{variant}-{seed}-" + file_digest([*inputs, CODE])
 
 
+def checkpoints(state_dir: Path) -> list[Path]:
+    """The finished checkpoints, oldest first (a save in progress has a hidden temporary name)."""
+    return sorted(state_dir.glob("iter_*[0-9]"), key=lambda checkpoint: int(checkpoint.name.split("_")[1]))
+
+
 def latest_checkpoint(state_dir: Path) -> Path | None:
-    done = sorted(state_dir.glob("iter_*[0-9]"), key=_iteration_of)
+    done = checkpoints(state_dir)
     return done[-1] if done else None
-
-
-def _iteration_of(checkpoint: Path) -> int:
-    return int(checkpoint.name.split("_")[1])
 
 
 def train(cfg: Config, variant: str, seed: int, tasks_path: Path, model_dir: Path, run_dir: Path, fingerprint: str,
@@ -107,7 +108,7 @@ def train(cfg: Config, variant: str, seed: int, tasks_path: Path, model_dir: Pat
                 write_trajectories(trajectories, state_dir / "rollouts" / f"iter_{i}.parquet")
                 save_checkpoint(learner, state_dir / f"iter_{i}", {"loop": dataclasses.asdict(state)},
                                 also=lambda folder: buffer.save(folder / "buffer.pt"))
-                for old in sorted(state_dir.glob("iter_*[0-9]"), key=_iteration_of)[: -cfg.train.keep_checkpoints]:
+                for old in checkpoints(state_dir)[: -cfg.train.keep_checkpoints]:
                     shutil.rmtree(old)
                 if observer is not None:
                     observer.log_metrics(metrics, step=i)
