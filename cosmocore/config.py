@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from cosmocore.errors import CosmoCoreError
 from cosmocore.variants import VARIANTS
 
+DASK_ADDRESS_ENV = "COSMOCORE_DASK_ADDRESS"  # overrides sandbox.dask_address (`sandbox.runner.Sandbox`)
 LABELS_FOLDER = "labels"  # human affect labels live here (`affect.labels_csv`); the train stage depends on it
 
 VariantName = Literal[VARIANTS]  # everything that differs between variants: `variants.REGISTRY`
@@ -87,6 +88,7 @@ class SandboxConfig(Section):
     tmpfs_mb: PositiveInt
     preload_modules: list[str]
     hide_paths: list[str]
+    dask_address: str  # DASK_ADDRESS_ENV, when set (even to ""), overrides it
 
 
 class ModelConfig(Section):

