@@ -53,6 +53,10 @@ def config_fingerprint(config_dir: str | os.PathLike) -> str:
     return digest.hexdigest()[:12]
 
 
+def _sqlite_file(uri: str) -> Path:
+    return Path(uri.removeprefix("sqlite:///").split("?")[0])
+
+
 def check_reachable(uri: str) -> None:
     """Raise `CosmoCoreError`, naming the fix, when the tracking store at `uri` cannot be used: an http(s)
     server that does not answer MLflow's API within `REACH_TIMEOUT_S`, or a sqlite or file store whose
@@ -73,7 +77,7 @@ def check_reachable(uri: str) -> None:
         raise CosmoCoreError(f"MLflow tracking server {uri} {problem}: start it (`mlflow server --backend-store-uri "
                              f"sqlite:///mlflow.db --artifacts-destination ./mlartifacts{port}`) {FIX}")
     if parsed.scheme == "sqlite":
-        path = Path(uri.removeprefix("sqlite:///").split("?")[0])
+        path = _sqlite_file(uri)
         if not path.name:  # `sqlite://`: in memory
             return
         folder = path.parent
@@ -143,7 +147,8 @@ class Tracker:
         self.client = MlflowClient(uri)
         experiment = self.client.get_experiment_by_name(cfg.experiment)
         if experiment is None:
-            artifacts = (REPO / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None  # a server keeps its own
+            # beside a sqlite database (the repository's: mlartifacts/); a server keeps its own
+            artifacts = (_sqlite_file(uri).resolve().parent / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
             self.experiment_id = self.client.create_experiment(cfg.experiment, artifact_location=artifacts, tags=EXPERIMENT_TAGS)
         else:
             self.experiment_id = experiment.experiment_id
