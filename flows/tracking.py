@@ -9,7 +9,8 @@ MLflow's thread-local active run, so Prefect tasks on other threads log to the r
 The tracking store is the repository's sqlite database by default, or any other: with an `mlflow server`
 (`MLFLOW_TRACKING_URI=http://host:port`) artifacts and models go through the server, which keeps them
 where its `--artifacts-destination` says. `check_reachable` stops a stage in seconds when the store cannot
-be used, where MLflow's own retries would take minutes.
+be used: MLflow's client retries a refused connection for about 4 minutes (`MLFLOW_HTTP_REQUEST_MAX_RETRIES`,
+7), right for a blip in the middle of a run, which it keeps, but not for a server that is not there.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def check_reachable(uri: str) -> None:
     folder is missing or not writable. Other stores (databricks, postgresql...) are left to MLflow."""
     parsed = urlparse(uri)
     if parsed.scheme in ("http", "https"):
-        try:  # one plain request: MLflow's client would retry a refused connection for minutes
+        try:  # one plain request, not MLflow's client and its retries
             urllib.request.urlopen(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1",
                                    timeout=REACH_TIMEOUT_S).close()
             return
