@@ -250,6 +250,7 @@ class AlignmentConfig(Section):
 class TrackingConfig(Section):
     experiment: str = Field(min_length=1)
     tracking_uri: str
+    log_models: bool
 
 
 class Config(Section):

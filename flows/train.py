@@ -1,5 +1,6 @@
 """The training stage for one variant and seed: `cosmocore.rl.run.train` (rollout → tag → gate → nocturnal
-train, iterated, with checkpoints and resume) as a Prefect flow whose steps are tasks, tracked in MLflow.
+train, iterated, with checkpoints and resume) as a Prefect flow whose steps are tasks, tracked in MLflow,
+where the trained policy is registered as the model `cosmocore-<variant>` (`flows/registry.py`).
 
 With `train.processes: N` (N > 1) the stage starts itself again as N data-parallel processes
 (`cosmocore.rl.distributed`): the main one runs this Prefect flow and writes every output, the others run
@@ -28,6 +29,7 @@ from cosmocore.errors import CosmoCoreError
 from cosmocore.rl import run
 from cosmocore.rl.distributed import is_main_process, launched_world_size, uses_cpu
 from flows.common import CONFIG_DIR, die_with_parent, run_main
+from flows.registry import log_policy
 from flows.tracking import Tracker
 
 TRAINING_SECTIONS = ("model", "rollout", "reward", "affect", "buffer", "train", "sandbox", "alignment")
@@ -57,9 +59,13 @@ def train(variant: str, seed: int, tasks_path: str = "data/prepared/train.jsonl"
     inputs = [*(CONFIG_DIR / f"{name}.json" for name in TRAINING_SECTIONS), tasks_path, model_dir / "config.json", Path(__file__)]
     tracker = (Tracker(CONFIG_DIR, cfg.tracking, "train", cfg.profile, tags={"variant": variant, "seed": seed})
                if is_main_process() else None)
+    run_dir = Path(out_root) / f"{variant}-s{seed}"
     with tracker or nullcontext():
-        return run.train(cfg, variant, seed, tasks_path, model_dir, Path(out_root) / f"{variant}-s{seed}",
-                         run.fingerprint(variant, seed, inputs), step=_step, observer=tracker)
+        final = run.train(cfg, variant, seed, tasks_path, model_dir, run_dir, run.fingerprint(variant, seed, inputs),
+                          step=_step, observer=tracker)
+        if tracker is not None and cfg.tracking.log_models:
+            print(f"{variant}-s{seed}: policy registered as {log_policy(tracker, variant, model_dir, run_dir / 'policy', CONFIG_DIR)}")
+        return final
 
 
 def _relaunch(variant: str, seed: int, processes: int, model: ModelConfig) -> int:

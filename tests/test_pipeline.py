@@ -47,11 +47,14 @@ def smoke_repo():
     """The repository cloned under /tmp, run with a virtual environment under /tmp (the sandbox hides the
     host's /tmp from samples but must show the interpreter)."""
     scratch = Path(tempfile.mkdtemp(prefix="cosmocore-smoke-", dir="/tmp"))
-    yield from _smoke_repo(scratch)
+    yield run_smoke(scratch)
     shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _smoke_repo(scratch: Path):
+def run_smoke(scratch: Path, extra_env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> tuple[Path, dict, subprocess.CompletedProcess]:
+    """Copy the repository into `scratch` as a fresh git repository with a venv beside it, and run
+    `dvc exp run -S profile=smoke` (and `args`) there, with `extra_env` over the default environment (the
+    repository's own sqlite MLflow store); returns the repository, its environment and the run's result."""
     repo, venv = scratch / "cosmocore", venv_beside(scratch)
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True)
     for name in files.stdout.splitlines():
@@ -66,6 +69,7 @@ def _smoke_repo(scratch: Path):
         "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlruns.db'}",
         "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@invalid",
         "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@invalid",
+        **(extra_env or {}),
     }
     if SHARED_BCB.exists():
         env["COSMOCORE_BIGCODEBENCH"] = str(SHARED_BCB)
@@ -73,8 +77,7 @@ def _smoke_repo(scratch: Path):
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "commit", "-qm", "snapshot"], repo, env)
     assert _run(["python", "-c", "import sys; print(sys.prefix)"], repo, env).stdout.strip() == str(venv)
-    result = _run(["dvc", "exp", "run", "-S", "profile=smoke"], repo, env)
-    yield repo, env, result
+    return repo, env, _run(["dvc", "exp", "run", "-S", "profile=smoke", *args], repo, env)
 
 
 def test_smoke_experiment_leaves_metrics_for_base_and_trained_policies(smoke_repo):

@@ -159,6 +159,19 @@ def _encode(model, tokenizer, tasks: list[Task], style: str, cfg: RolloutConfig)
     return encoded, too_long
 
 
+def complete_prompts(model, tokenizer, prompts: list[str], cfg: RolloutConfig, style: str) -> list[tuple[str, str]]:
+    """Greedy answers to code prompts (a function's signature and docstring) outside any task, as evaluation
+    writes its greedy programs: per prompt, the decoded answer and the program `rollout` would execute, the
+    prompt plus the answer's code ("" when it holds none). Over-long prompts are truncated, whatever
+    `rollout.on_long_prompt` says, so that every prompt gets an answer."""
+    tasks = [Task(task_id=f"prompt-{i}", benchmark="", prompt=prompt, instruction="", entry_point="", test="",
+                  test_style="", canonical_solution="") for i, prompt in enumerate(prompts)]
+    encoded, _ = _encode(model, tokenizer, tasks, style, cfg.model_copy(update={"on_long_prompt": "truncate"}))
+    completions = generate(model, tokenizer, [ids for _, ids in encoded], cfg, style, greedy=True, temperature=cfg.temperature)
+    texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+    return [(text, program_for(task, extract_code(text, style), style)) for task, text in zip(tasks, texts)]
+
+
 def rollout(
     model,
     tokenizer,
