@@ -51,7 +51,10 @@ def smoke_repo():
     shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _smoke_repo(scratch: Path):
+def smoke_checkout(scratch: Path) -> tuple[Path, dict]:
+    """This checkout's files (not data/) committed in a fresh git repository `scratch/cosmocore`, and the
+    environment to run in it: a virtual environment under `scratch`, its own PREFECT_HOME and a sqlite
+    MLflow store beside the repository."""
     repo, venv = scratch / "cosmocore", venv_beside(scratch)
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True)
     for name in files.stdout.splitlines():
@@ -60,7 +63,7 @@ def _smoke_repo(scratch: Path):
         (repo / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, repo / name)
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k != "PYTHONPATH"},  # the code in the repository, not this checkout's
         "PATH": f"{venv / 'bin'}:{os.environ['PATH']}",
         "PREFECT_HOME": str(repo.parent / "prefect-home"),
         "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlruns.db'}",
@@ -73,6 +76,11 @@ def _smoke_repo(scratch: Path):
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "commit", "-qm", "snapshot"], repo, env)
     assert _run(["python", "-c", "import sys; print(sys.prefix)"], repo, env).stdout.strip() == str(venv)
+    return repo, env
+
+
+def _smoke_repo(scratch: Path):
+    repo, env = smoke_checkout(scratch)
     result = _run(["dvc", "exp", "run", "-S", "profile=smoke"], repo, env)
     yield repo, env, result
 
