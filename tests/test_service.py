@@ -36,7 +36,9 @@ from flows.pipeline import pipeline_flow
 cases = [(pipeline_flow, dict(profile="smoke", overrides=["train.lrr=0.1"])),
          (pipeline_flow, dict(profile="smoke", overrides=["train.lr=abc"])),
          (pipeline_flow, dict(profile="smoke", variants=["dreamy"])),
-         (learning_bench_flow, dict(size="smoke", arms=["base", "dreamy"]))]
+         (pipeline_flow, dict(profile="smoke", seeds=["first"])),
+         (learning_bench_flow, dict(size="smoke", arms=["base", "dreamy"])),
+         (pipeline_flow, dict(profile="smoke"))]  # valid, with MLFLOW_TRACKING_URI at a closed port
 out = []
 for flow, parameters in cases:
     state = flow(**parameters, return_state=True)
@@ -46,17 +48,19 @@ print(json.dumps(out))
 """
 
 
-def test_bad_parameters_fail_the_run_before_any_dvc_work(tmp_path):
-    # No `dvc` on PATH: a run that got past validation would fail on a missing command, not a ConfigError.
+def test_bad_parameters_and_an_unreachable_mlflow_server_fail_the_run_before_any_dvc_work(tmp_path):
+    # No `dvc` on PATH: a run that got past the checks would fail on a missing command instead.
     env = {"PATH": "/usr/bin:/bin", "PREFECT_HOME": str(tmp_path / "prefect-home"), "PYTHONPATH": str(REPO),
-           "HOME": str(tmp_path)}
+           "HOME": str(tmp_path), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}
     done = subprocess.run([sys.executable, "-c", BAD_RUNS], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    (lrr, abc, dreamy, arm) = json.loads(done.stdout.splitlines()[-1])
+    (lrr, abc, dreamy, first, arm, mlflow_down) = json.loads(done.stdout.splitlines()[-1])
     assert lrr[:2] == ["FAILED", "ConfigError"] and "unknown key 'profiles.smoke.train.lrr' (known: " in lrr[2] and "lr," in lrr[2]
     assert abc[:2] == ["FAILED", "ConfigError"] and "'train.lr': Input should be a valid number (got 'abc')" in abc[2]
     assert dreamy[:2] == ["FAILED", "ConfigError"] and "'study.variants.0'" in dreamy[2] and "'cosmocore'" in dreamy[2]
+    assert first[:2] == ["FAILED", "ParameterTypeError"] and "seeds" in first[2]  # Prefect's check of the flow's signature
     assert arm[:2] == ["FAILED", "CosmoCoreError"] and "unknown arm(s) ['dreamy']: choose base or variants among" in arm[2]
+    assert mlflow_down[:2] == ["FAILED", "CosmoCoreError"] and "cannot be reached" in mlflow_down[2] and "mlflow server" in mlflow_down[2]
 
 
 def test_deploy_without_a_server_stops_in_seconds_naming_the_fix(tmp_path):
