@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -272,6 +273,20 @@ class Config(Section):
 
 
 SECTIONS = tuple(name for name in Config.model_fields if name != "profile")
+
+
+class YamlLoader(yaml.SafeLoader):
+    """The safe loader, also reading an exponent without a dot (`1e-5`, how DVC's `-S` writes small floats
+    into params.yaml) as a number, where YAML 1.1 reads a string."""
+
+
+YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
+                                 list("-+.0123456789"))
+
+
+def yaml_value(text: str) -> Any:
+    """One value written in YAML, as params.yaml's are read."""
+    return yaml.load(text, Loader=YamlLoader)
 S = TypeVar("S", bound=Section)
 
 
@@ -338,7 +353,7 @@ def override(raw: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
             raise ConfigError(f"override {assignment!r}: write section.key=value, e.g. train.lr=1e-5")
         section, name = parts
         try:
-            value = yaml.safe_load(text)
+            value = yaml_value(text)
         except yaml.YAMLError as error:
             raise ConfigError(f"override {assignment!r}: the value is not valid YAML ({error})") from None
         if section == "study":  # outside the profiles (DVC builds its matrix from it)
@@ -358,7 +373,7 @@ def load_params(path: str | os.PathLike = "params.yaml", profile: str | None = N
     if not path.is_file():
         raise ConfigError(f"{path} not found: run from the repository root, or pass --params PATH")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml_value(path.read_text())
     except yaml.YAMLError as error:
         raise ConfigError(f"{path} is not valid YAML: {error}") from None
     if not isinstance(raw, dict):

@@ -84,3 +84,11 @@ def test_overrides_lie_over_the_selected_profile_and_are_validated():
                        ("study.variants=[dreamy]", "study.variants")):
         with pytest.raises(ConfigError, match=re.escape(named)):
             load_params(params, overrides=[bad])
+
+
+def test_an_exponent_without_a_dot_is_a_number(tmp_path):
+    """`1e-5` as an override, and as DVC's `-S` writes a small float into params.yaml (YAML 1.1 reads a string)."""
+    assert load_params(REPO / "params.yaml", "smoke", ["train.lr=1e-5"]).train.lr == 1e-5
+    text = (REPO / "params.yaml").read_text().replace("lr: 0.00002", "lr: 2e-05")
+    (tmp_path / "params.yaml").write_text(text)
+    assert load_params(tmp_path / "params.yaml", "bench_cpu").train.lr == 2e-5

@@ -51,10 +51,10 @@ def smoke_repo():
     shutil.rmtree(scratch, ignore_errors=True)
 
 
-def run_smoke(scratch: Path, extra_env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> tuple[Path, dict, subprocess.CompletedProcess]:
-    """Copy the repository into `scratch` as a fresh git repository with a venv beside it, and run
-    `dvc exp run -S profile=smoke` (and `args`) there, with `extra_env` over the default environment (the
-    repository's own sqlite MLflow store); returns the repository, its environment and the run's result."""
+def smoke_checkout(scratch: Path, extra_env: dict[str, str] | None = None) -> tuple[Path, dict]:
+    """This checkout's files (not data/) committed in a fresh git repository `scratch/cosmocore`, and the
+    environment to run in it: a virtual environment under `scratch`, its own PREFECT_HOME and a sqlite
+    MLflow store beside the repository, with `extra_env` over it."""
     repo, venv = scratch / "cosmocore", venv_beside(scratch)
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True)
     for name in files.stdout.splitlines():
@@ -63,7 +63,7 @@ def run_smoke(scratch: Path, extra_env: dict[str, str] | None = None, args: tupl
         (repo / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, repo / name)
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k != "PYTHONPATH"},  # the code in the repository, not this checkout's
         "PATH": f"{venv / 'bin'}:{os.environ['PATH']}",
         "PREFECT_HOME": str(repo.parent / "prefect-home"),
         "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlruns.db'}",
@@ -77,6 +77,13 @@ def run_smoke(scratch: Path, extra_env: dict[str, str] | None = None, args: tupl
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "commit", "-qm", "snapshot"], repo, env)
     assert _run(["python", "-c", "import sys; print(sys.prefix)"], repo, env).stdout.strip() == str(venv)
+    return repo, env
+
+
+def run_smoke(scratch: Path, extra_env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> tuple[Path, dict, subprocess.CompletedProcess]:
+    """`smoke_checkout`, then `dvc exp run -S profile=smoke` (and `args`) in it: the repository, its
+    environment and the run's result."""
+    repo, env = smoke_checkout(scratch, extra_env)
     return repo, env, _run(["dvc", "exp", "run", "-S", "profile=smoke", *args], repo, env)
 
 
