@@ -19,6 +19,7 @@ import re
 import subprocess
 from collections import deque
 from pathlib import Path
+from urllib.parse import quote
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -26,7 +27,7 @@ from prefect.runtime import flow_run
 
 from cosmocore.config import load_params, yaml_value
 from flows.common import die_with_parent, run_main
-from flows.tracking import RUN_KEY, check_reachable, set_parent_status, tag_parent, tracking_uri
+from flows.tracking import RUN_KEY, check_reachable, ensure_experiment, set_parent_status, tag_parent, tracking_uri
 
 REPO = Path(__file__).resolve().parent.parent
 HEADLINE = "data/metrics/heldout.json"
@@ -107,7 +108,7 @@ def results_markdown(name: str, commit: str, heldout: dict[str, dict], links: di
     """The run's held-out table, one row per policy, with where its MLflow runs are."""
     columns = list(dict.fromkeys(column for metrics in heldout.values() for column in metrics))  # the report's order
     lines = [f"# CosmoCore experiment `{name}`", "", f"DVC commit `{commit}` (`dvc exp show`, `dvc exp apply {name}`); "
-             f"MLflow: {links.get('pipeline', 'no parent run found')}", "",
+             f"MLflow: {links.get('pipeline', 'no parent run found')}" + (f", {links['compare']}" if "compare" in links else ""), "",
              "| policy | " + " | ".join(columns) + " | MLflow |", "|---" * (len(columns) + 2) + "|"]
     for policy, metrics in heldout.items():
         cells = [f"{metrics[c]:.4f}" if isinstance(metrics.get(c), float) else str(metrics.get(c, "")) for c in columns]
@@ -116,8 +117,9 @@ def results_markdown(name: str, commit: str, heldout: dict[str, dict], links: di
 
 
 def mlflow_links(uri: str, parent_id: str | None) -> dict[str, str]:
-    """Markdown links to the parent run and each policy's evaluate run (`pipeline` and the policy names);
-    plain run ids where no UI address is known (a sqlite store without COSMOCORE_MLFLOW_UI_URL)."""
+    """Markdown links to the parent run, each policy's evaluate run (`pipeline` and the policy names) and the
+    MLflow UI's comparison of those evaluate runs (`compare`), on its model-training view; plain run ids where
+    no UI address is known (a sqlite store without COSMOCORE_MLFLOW_UI_URL)."""
     if parent_id is None:
         return {}
     from mlflow.tracking import MlflowClient
@@ -125,14 +127,16 @@ def mlflow_links(uri: str, parent_id: str | None) -> dict[str, str]:
     client = MlflowClient(uri)
     experiment_id = client.get_run(parent_id).info.experiment_id
     base = os.environ.get(MLFLOW_UI) or (uri if uri.startswith(("http://", "https://")) else None)
-
-    def link(text: str, run_id: str) -> str:
-        return f"[{text}]({base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id})" if base else f"{text} `{run_id}`"
-
     evaluated = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and "
                                    "tags.`cosmocore.stage` = 'evaluate'")
-    return {"pipeline": link("parent run", parent_id),
-            **{run.data.tags["policy"]: link("evaluate", run.info.run_id) for run in evaluated if "policy" in run.data.tags}}
+    evaluated = {run.data.tags["policy"]: run.info.run_id for run in evaluated if "policy" in run.data.tags}
+    if not base:
+        return {"pipeline": f"parent run `{parent_id}`", **{policy: f"evaluate `{run_id}`" for policy, run_id in evaluated.items()}}
+    ui, view = base.rstrip("/"), "workflowType=machine_learning"  # MLflow 3.18's UI opens on its GenAI view without it
+    runs = quote(json.dumps(sorted(evaluated.values())))
+    return {"pipeline": f"[parent run]({ui}/#/experiments/{experiment_id}/runs/{parent_id}?{view})",
+            "compare": f"[the policies compared]({ui}/#/compare-runs?runs={runs}&experiments={quote(json.dumps([experiment_id]))}&{view})",
+            **{policy: f"[evaluate]({ui}/#/experiments/{experiment_id}/runs/{run_id}?{view})" for policy, run_id in evaluated.items()}}
 
 
 @flow(name="cosmocore-pipeline", log_prints=True)
@@ -151,6 +155,7 @@ def pipeline_flow(profile: str = "default", variants: list[str] | None = None, s
     name = experiment_name(flow_run.get_name(), flow_run.get_id())
     uri = tracking_uri(cfg.tracking)  # resolved here: in the experiment's temporary copy the default store would be a copy
     check_reachable(uri)
+    ensure_experiment(uri, cfg.tracking.experiment)  # here, not by two runs' first stages at once
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, RUN_KEY: name}
     try:
         commit = run_experiment(name, set_params(profile, assigned), env)

@@ -29,9 +29,9 @@ from cosmocore.errors import CosmoCoreError
 
 REPO = Path(__file__).resolve().parent.parent
 RUN_KEY = "COSMOCORE_RUN_KEY"
-# The MLflow 3 UI opens an experiment of this kind on its runs (model training) view, not the GenAI one, and
-# shows the note as the experiment's description. Which columns the runs table shows is kept in the browser:
-# no tag chooses them.
+# The experiment's kind (model training, not GenAI) and a note the UI shows as its description. The MLflow 3.18
+# UI still opens on its GenAI view unless the address says `?workflowType=machine_learning` (`flows.pipeline.mlflow_links`
+# adds it), and keeps the runs table's columns in the browser: no tag chooses them.
 EXPERIMENT_TAGS = {
     "mlflow.experimentKind": "custom_model_development",
     "mlflow.note.content": "CosmoCore pipeline runs, one parent per pipeline run. To compare the policies, filter on "
@@ -93,6 +93,27 @@ def check_reachable(uri: str) -> None:
         raise CosmoCoreError(f"the MLflow store {uri} is not writable here: fix the permissions of {path} {FIX}")
 
 
+def ensure_experiment(uri: str, name: str) -> str:
+    """The id of experiment `name` in the store at `uri`, created (with `EXPERIMENT_TAGS`) when missing; a
+    sqlite store keeps its artifacts beside its database (the repository's: mlartifacts/), a server its own.
+    Runs started together may both create it: the second finds the first's."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifacts = (_sqlite_file(uri).resolve().parent / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
+    try:
+        return client.create_experiment(name, artifact_location=artifacts, tags=EXPERIMENT_TAGS)
+    except MlflowException:
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
 def _git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
@@ -146,13 +167,7 @@ class Tracker:
         check_reachable(uri)
         mlflow.set_tracking_uri(uri)
         self.client = MlflowClient(uri)
-        experiment = self.client.get_experiment_by_name(cfg.experiment)
-        if experiment is None:
-            # beside a sqlite database (the repository's: mlartifacts/); a server keeps its own
-            artifacts = (_sqlite_file(uri).resolve().parent / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
-            self.experiment_id = self.client.create_experiment(cfg.experiment, artifact_location=artifacts, tags=EXPERIMENT_TAGS)
-        else:
-            self.experiment_id = experiment.experiment_id
+        self.experiment_id = ensure_experiment(uri, cfg.experiment)
         run_key = os.environ.get(RUN_KEY)
         key = run_key or config_fingerprint(config_dir)
         parents = _parents(self.client, self.experiment_id, key)

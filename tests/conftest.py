@@ -54,12 +54,3 @@ def tiny_t5_dir(tmp_path_factory, config):
 
     built = materialise(config.model.model_copy(update={"source": "tiny", "tiny_arch": "t5"}), tmp_path_factory.mktemp("t5"))
     return materialise(config.model.model_copy(update={"source": str(built)}), tmp_path_factory.mktemp("t5-copied"))
-
-
-@pytest.fixture(scope="module")
-def mlflow_server_uri(tmp_path_factory):
-    """A real `mlflow server` (`tests/servers.py`) for the module's tests, stopped after them: its URI."""
-    from tests.servers import mlflow_server
-
-    with mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as uri:
-        yield uri
