@@ -117,15 +117,26 @@ def pid_namespace(pid: int) -> str | None:
         return None
 
 
+def is_namespace_init(pid: int) -> bool:
+    """Whether `pid` is process 1 of its own pid namespace (a jail's init)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return any(line.startswith("NSpid:") and line.split()[-1] == "1" and len(line.split()) > 2
+               for line in status.splitlines())
+
+
 class Census:
     """Notes, every `period` seconds, each process this one started (with its start time, so a reused
-    pid is not mistaken for it), the pid namespaces they run in and the host scratch folders workers
-    were given; `leaks()` then counts what outlived the sandbox."""
+    pid is not mistaken for it), the pid namespaces of the jails among them (by their init: a dead
+    namespace's number is soon given to someone else's) and the host scratch folders workers were
+    given; `leaks()` then counts what outlived the sandbox."""
 
     def __init__(self, period: float = 0.5):
         self.period, self.own_namespace = period, pid_namespace(os.getpid())
         self.seen: set[tuple[int, str]] = set()
-        self.namespaces: set[str] = set()
+        self.namespaces: dict[str, tuple[int, str]] = {}  # namespace: its init (pid, start time)
         self.scratch: set[str] = set()
         self.shm_before = set(os.listdir("/dev/shm"))
         self._stop = threading.Event()
@@ -144,8 +155,8 @@ class Census:
         for pid in descendants(os.getpid(), table):
             self.seen.add((pid, table[pid][1]))
             namespace = pid_namespace(pid)
-            if namespace and namespace != self.own_namespace:
-                self.namespaces.add(namespace)
+            if namespace and namespace != self.own_namespace and is_namespace_init(pid):
+                self.namespaces[namespace] = (pid, table[pid][1])
             try:
                 argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
                 scratch = json.loads(argv[-2])["scratch"] if argv[-2].startswith(b"{") else None
@@ -159,11 +170,13 @@ class Census:
             self.note()
 
     def leaks(self) -> tuple[list[int], list[str]]:
-        """(processes still alive that were seen, or that live in a seen namespace; scratch files
-        left on the host: in the workers' scratch folders and new in /dev/shm)."""
+        """(processes still alive that were seen, or that live in a jail whose init is still alive; scratch
+        files left on the host: in the workers' scratch folders and new in /dev/shm)."""
         table = process_table()
+        live_jails = {namespace for namespace, (pid, started) in self.namespaces.items()
+                      if table.get(pid, (0, ""))[1] == started}
         alive = [pid for pid, (_, started) in table.items()
-                 if (pid, started) in self.seen or pid_namespace(pid) in self.namespaces]
+                 if (pid, started) in self.seen or pid_namespace(pid) in live_jails]
         files = [str(path) for folder in self.scratch if os.path.exists(folder)
                  for path in [Path(folder), *Path(folder).rglob("*")]]
         files += [f"/dev/shm/{name}" for name in set(os.listdir("/dev/shm")) - self.shm_before
