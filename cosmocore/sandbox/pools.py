@@ -615,7 +615,8 @@ def _classify(raw: dict, config: SandboxConfig) -> tuple[str, str, str]:
     if "worker_lost" in raw:
         if raw["worker_lost"] == "hung":
             return "timeout", "WallTimeLimit", "the sandbox worker stopped answering; it was restarted"
-        return "sandbox_violation", "WorkerKilled", "the sample killed its sandbox worker; it was restarted"
+        return "sandbox_violation", "WorkerKilled", ("the sandbox worker died while it ran the sample (killed by the "
+                                                     "sample, most likely, or from outside); it was restarted")
     if raw.get("wall_timeout"):
         return "timeout", "WallTimeLimit", f"killed after {config.wall_seconds:g} s of wall-clock time"
     record = raw.get("record")
