@@ -161,10 +161,11 @@ def add_one(x):
 @pytest.mark.slow
 def test_soak_one_minute():
     """`cosmocore bench soak --minutes 1`: every verdict as in the calm run, nothing left behind."""
+    lines: list[str] = []
     with outer_timeout(240, "the one-minute soak did not finish in 4 minutes"):
-        summary = soak(load_params("params.yaml").sandbox, 60, log=lambda line: None)
+        summary = soak(load_params("params.yaml").sandbox, 60, log=lines.append)
     assert summary["executions"] > 100
     assert set(summary["counts"]) == {"pass", "pass_unittest", "wrong_answer", "syntax_error", "runtime_error",
                                       "no_code", "cpu_loop", "sleep", "memory_bomb", "segfault", "early_exit",
                                       "leftover_children", "fill_tmpfs", "kill_worker"}
-    assert (summary["mismatches"], summary["leaked_processes"], summary["leaked_files"]) == (0, 0, 0), summary
+    assert (summary["mismatches"], summary["leaked_processes"], summary["leaked_files"]) == (0, 0, 0), lines

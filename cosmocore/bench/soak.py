@@ -14,6 +14,7 @@ leaked_files=0`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -169,19 +170,25 @@ class Census:
         while not self._stop.wait(self.period):
             self.note()
 
-    def leaks(self) -> tuple[list[int], list[str]]:
+    def leaks(self, settle: float = 2.0) -> tuple[list[int], list[str]]:
         """(processes still alive that were seen, or that live in a jail whose init is still alive; scratch
-        files left on the host: in the workers' scratch folders and new in /dev/shm)."""
-        table = process_table()
-        live_jails = {namespace for namespace, (pid, started) in self.namespaces.items()
-                      if table.get(pid, (0, ""))[1] == started}
-        alive = [pid for pid, (_, started) in table.items()
-                 if (pid, started) in self.seen or pid_namespace(pid) in live_jails]
+        files left on the host: in the workers' scratch folders and new in /dev/shm). A jail killed a
+        moment ago may still be exiting: its processes get `settle` seconds to go."""
+        deadline = time.monotonic() + settle
+        while (alive := self._alive()) and time.monotonic() < deadline:
+            time.sleep(0.05)
         files = [str(path) for folder in self.scratch if os.path.exists(folder)
                  for path in [Path(folder), *Path(folder).rglob("*")]]
         files += [f"/dev/shm/{name}" for name in set(os.listdir("/dev/shm")) - self.shm_before
                   if os.stat(f"/dev/shm/{name}").st_uid != os.getuid()]
         return alive, files
+
+    def _alive(self) -> list[int]:
+        table = process_table()
+        live_jails = {namespace for namespace, (pid, started) in self.namespaces.items()
+                      if table.get(pid, (0, ""))[1] == started}
+        return [pid for pid, (_, started) in table.items()
+                if (pid, started) in self.seen or pid_namespace(pid) in live_jails]
 
 
 # ----------------------------------------------------------------------------------------- the soak
@@ -224,7 +231,8 @@ def soak(config: SandboxConfig, seconds: float, log=print) -> dict:
     for task_id, got in mismatches[:20]:
         log(f"mismatch: {task_id} got {got}, calm run {calm[task_id.split('/')[0]]}")
     for pid in processes[:20]:
-        log(f"leaked process {pid}: {Path(f'/proc/{pid}/cmdline').read_bytes()[:200]!r}")
+        with contextlib.suppress(OSError):  # unless it is gone meanwhile
+            log(f"leaked process {pid}: {Path(f'/proc/{pid}/cmdline').read_bytes()[:200]!r}")
     for path in files[:20]:
         log(f"leaked file {path}")
     return {"executions": executions, "seconds": elapsed, "mismatches": len(mismatches),
