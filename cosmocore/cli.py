@@ -11,7 +11,7 @@ from cosmocore.config import load_params, write_sections
 from cosmocore.errors import CosmoCoreError
 from cosmocore.logs import setup_logging
 
-BENCHMARKS = ("learning", "sandbox", "rollout", "decode", "buffer", "agreement")
+BENCHMARKS = ("learning", "sandbox", "rollout", "decode", "buffer", "agreement", "soak")
 
 
 def _config(args) -> None:

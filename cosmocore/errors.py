@@ -10,3 +10,7 @@ class CosmoCoreError(Exception):
 
 class ModelUnavailable(CosmoCoreError, RuntimeError):
     """The configured policy cannot be found or read."""
+
+
+class DiskFull(CosmoCoreError, OSError):
+    """A file could not be written for lack of disk space; what was there before is left as it was."""

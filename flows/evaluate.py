@@ -16,10 +16,10 @@ from prefect import flow
 from cosmocore.alignment.coderl import answer, output_prediction_tasks
 from cosmocore.config import load_config
 from cosmocore.data.datasets import guard_split
-from cosmocore.data.records import read_tasks, write_trajectories
+from cosmocore.data.records import read_samples_log, read_tasks, write_trajectories
 from cosmocore.evaluation.evaluate import evaluate_policy
 from cosmocore.evaluation.metrics import time_to_correction
-from cosmocore.files import file_digest, write_json
+from cosmocore.files import file_digest, write_frame, write_json
 from cosmocore.policy.models import load_policy
 from cosmocore.policy.prompts import resolve_style
 from cosmocore.rl.rollout import RunIds
@@ -59,12 +59,12 @@ def evaluate_flow(policy: str, tasks_path: str = "data/prepared/eval.jsonl", tra
         for prefix, samples in evaluation.samples.items():
             write_trajectories(samples, out_dir / f"{prefix or 'sampled_'}samples.parquet")
         for prefix, attempts in evaluation.repair_attempts.items():
-            pd.DataFrame(attempts).to_parquet(out_dir / f"{prefix or 'sampled_'}repair.parquet")
+            write_frame(out_dir / f"{prefix or 'sampled_'}repair.parquet", pd.DataFrame(attempts))
         if cfg.alignment.eval_tasks:
             metrics |= execution_reasoning(model, tokenizer, tasks, sandbox, cfg, style, ids)
         log_path = Path(runs_root) / policy / "samples_log.parquet"
         if trained is not None and log_path.exists():
-            log = pd.read_parquet(log_path)
+            log = read_samples_log(log_path)
             ttc = time_to_correction(log, horizon=cfg.train.iterations)
             metrics |= {f"ttc_{k}": v for k, v in ttc.items()}
             if "optimizer_steps" in log:  # also in optimizer updates, over the same pairs

@@ -14,6 +14,7 @@ import pandas as pd
 from prefect import flow
 
 from cosmocore.config import load_config
+from cosmocore.data.records import TRAJECTORY_COLUMNS, read_samples_log, read_table
 from cosmocore.evaluation.report import ReportInputs, build_report
 from cosmocore.files import write_json
 from flows.common import CONFIG_DIR, run_main
@@ -28,7 +29,8 @@ HEADLINE = ("pass_at_1", "hallucination_rate", "greedy_pass_at_1", "greedy_hallu
 def _rollouts(state_dir: Path) -> pd.DataFrame:
     """All iterations' trajectory tables of one training run, in iteration order."""
     paths = sorted((state_dir / "rollouts").glob("iter_*.parquet"), key=lambda p: int(p.stem.split("_")[1]))
-    return pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True) if paths else pd.DataFrame()
+    fix = f"delete the run's state folder {state_dir} and re-run its train stage (`dvc repro`) to start the run afresh"
+    return pd.concat([read_table(p, TRAJECTORY_COLUMNS, fix) for p in paths], ignore_index=True) if paths else pd.DataFrame()
 
 
 def read_inputs(profile: str, policies: list[str], horizon: int, greedy: bool, eval_metrics_root: Path,
@@ -42,9 +44,10 @@ def read_inputs(profile: str, policies: list[str], horizon: int, greedy: bool, e
     return ReportInputs(
         profile=profile,
         eval_metrics={p: json.loads((eval_metrics_root / f"{p}.json").read_text()) for p in policies},
-        heldout_samples={p: pd.read_parquet(eval_root / p / f"{decoding}_samples.parquet") for p in policies},
+        heldout_samples={p: read_table(eval_root / p / f"{decoding}_samples.parquet", TRAJECTORY_COLUMNS,
+                                       f"re-run the evaluate stage of {p} (`dvc repro`)") for p in policies},
         histories={p: pd.read_csv(runs_root / p / "history.csv") for p in trained},
-        samples_logs={p: pd.read_parquet(path) for p, path in logs.items() if path.exists()},
+        samples_logs={p: read_samples_log(path) for p, path in logs.items() if path.exists()},
         rollouts={p: frame for p in trained if not (frame := _rollouts(runs_root / p / "state")).empty},
         horizon=horizon,
         decoding=decoding,

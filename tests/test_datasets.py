@@ -12,7 +12,7 @@ import pytest
 
 from cosmocore.config import DataConfig, load_params
 from cosmocore.data import datasets as ds
-from cosmocore.data.records import read_tasks, write_tasks
+from cosmocore.data.records import RecordFileError, read_tasks, write_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_BCB = ROOT.parent / "shared" / "data" / "bigcodebench"
@@ -136,15 +136,17 @@ def test_cap_is_a_stable_hash_subset_in_original_order():
     assert ds.cap(tasks, 0, seed=0) == tasks
 
 
-def test_a_corrupt_task_file_names_the_line(tmp_path):
+def test_a_missing_or_corrupt_task_file_names_the_line_and_the_fix(tmp_path):
     path = tmp_path / "train.jsonl"
+    with pytest.raises(RecordFileError, match=r"train\.jsonl not found: .*`dvc repro prepare`"):
+        read_tasks(path)
     write_tasks(ds.load_humaneval()[:2], path)
     lines = path.read_text().splitlines()
-    path.write_text(lines[0] + "\n" + lines[1][:40] + "\n")
-    with pytest.raises(ValueError, match=r"train\.jsonl:2: corrupt task record"):
+    path.write_text(lines[0] + "\n" + lines[1][:40])  # the last line cut short
+    with pytest.raises(RecordFileError, match=r"train\.jsonl:2: corrupt task record .*`dvc repro prepare`"):
         read_tasks(path)
-    path.write_text(json.dumps({"task_id": "x"}) + "\n")
-    with pytest.raises(ValueError, match=r"train\.jsonl:1"):
+    path.write_text(json.dumps({"task_id": "x"}) + "\n")  # other fields
+    with pytest.raises(RecordFileError, match=r"train\.jsonl:1: corrupt task record \(expected fields"):
         read_tasks(path)
 
 

@@ -24,21 +24,42 @@ def test_a_local_folder_is_copied_as_the_base_policy(tiny_model_dir, config, tmp
     assert model.config.hidden_size == config.model.tiny_hidden
 
 
-def test_a_missing_model_folder_says_how_to_make_it(config, tmp_path):
-    with pytest.raises(ModelUnavailable, match="dvc repro model"):
-        load_policy(tmp_path / "nowhere", config.model)
+NOT_A_MODEL = {  # what the folder holds: the error names it
+    "nowhere": (None, "is not a folder"),
+    "empty": ({}, r"holds no model \(config\.json missing\)"),
+    "garbage": ({"config.json": "{ not json"}, r"config\.json is not valid JSON"),
+    "a list": ({"config.json": "[1, 2]"}, r"config\.json names no model_type"),
+    "no type": ({"config.json": "{}"}, r"config\.json names no model_type"),
+}
 
 
-def test_an_unreadable_model_says_what_to_do(config, tmp_path):
-    (tmp_path / "config.json").write_text("{ not json")
-    with pytest.raises(ModelUnavailable, match="not a readable causal or encoder-decoder LM"):
-        load_policy(tmp_path, config.model)
+def _not_a_model(tmp_path, case: str):
+    files, _ = NOT_A_MODEL[case]
+    folder = tmp_path / case
+    if files is not None:
+        folder.mkdir()
+        for name, text in files.items():
+            (folder / name).write_text(text)
+    return folder
 
 
-def test_an_unknown_source_fails_clearly(config, tmp_path):
-    cfg = config.model.model_copy(update={"source": str(tmp_path / "no-such-model")})
-    with pytest.raises(ModelUnavailable, match="no-such-model"):
+@pytest.mark.parametrize("case", sorted(NOT_A_MODEL))
+def test_a_folder_that_is_not_a_model_names_itself_and_what_a_model_folder_holds(config, tmp_path, case):
+    """Given to `load_policy` or as `model.source`; `materialise` then writes nothing."""
+    folder, expected = _not_a_model(tmp_path, case), NOT_A_MODEL[case][1]
+    with pytest.raises(ModelUnavailable, match=expected + r".*`dvc repro model`.*a model folder holds config\.json") as caught:
+        load_policy(folder, config.model)
+    assert str(folder) in str(caught.value)
+    cfg = config.model.model_copy(update={"source": str(folder)})
+    with pytest.raises(ModelUnavailable, match=expected + r".*point model\.source at.*a model folder holds config\.json"):
         materialise(cfg, tmp_path / "base")
+    assert not (tmp_path / "base").exists() and not list(tmp_path.glob(".base*"))
+
+
+def test_a_model_folder_without_weights_says_what_to_do(config, tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ModelUnavailable, match=r"(?s)not a readable causal or encoder-decoder LM.*delete it"):
+        load_policy(tmp_path, config.model)
 
 
 def test_cuda_requested_without_cuda_fails_clearly(config, tiny_model_dir):

@@ -51,6 +51,10 @@ class DatasetUnavailable(CosmoCoreError, RuntimeError):
     """A benchmark cannot be found; the message says how to provide it."""
 
 
+class DatasetInvalid(CosmoCoreError, ValueError):
+    """A benchmark file that cannot be read as one, or with too many invalid tasks: the message says what to do."""
+
+
 # ---------------------------------------------------------------------------------------- HumanEval
 
 
@@ -143,7 +147,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}:{number}: not valid JSON ({error}); re-download the file") from None
+                    raise DatasetInvalid(f"{path}:{number}: not valid JSON ({error}); re-download the file") from None
     return rows
 
 
@@ -164,7 +168,8 @@ def _bigcodebench_task(row: dict[str, Any]) -> Task:
     required = ("task_id", "complete_prompt", "instruct_prompt", "canonical_solution", "test", "entry_point", "libs")
     missing = [key for key in required if key not in row]
     if missing:
-        raise ValueError(f"BigCodeBench record {row.get('task_id', '?')} lacks {missing}: is this a BigCodeBench file?")
+        raise DatasetInvalid(f"BigCodeBench record {row.get('task_id', '?')} lacks {missing}: is this a BigCodeBench file? "
+                             "Point data.bigcodebench_path at the BigCodeBench jsonl (its fields: " + ", ".join(required) + ")")
     return Task(
         task_id=row["task_id"],
         benchmark="bigcodebench",
@@ -306,6 +311,8 @@ def prepare(cfg: DataConfig, sandbox_cfg: SandboxConfig, out_dir: str | os.PathL
     invalid.update(check_reference_solutions(runnable, sandbox_cfg))
 
     summary["invalid"] = invalid
+    for task_id, reason in invalid.items():
+        log.warning("prepare: dropping task %s: %s", task_id, reason)
     summary["benchmarks"] = {
         name: _benchmark_counts(train, held_out, invalid) for name, (train, held_out) in splits.items()
     }
@@ -400,8 +407,9 @@ def _check_invalid_share(
         selected = len(train) + len(held_out)
         if selected and len(failed) / selected > limit:
             examples = "; ".join(f"{task_id}: {invalid[task_id]}" for task_id in failed[:5])
-            raise ValueError(
+            raise DatasetInvalid(
                 f"prepare: {len(failed)} of {selected} {name} tasks failed validation, more than "
                 f"data.max_invalid_fraction={limit}. This usually means the sandbox or the installed libraries "
-                f"are broken rather than the tasks; first failures: {examples}"
+                f"are broken rather than the tasks; first failures: {examples}. Fix the cause, or raise "
+                "data.max_invalid_fraction to go on without them"
             )

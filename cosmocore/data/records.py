@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from cosmocore.files import atomic_path
+from cosmocore.errors import CosmoCoreError
+from cosmocore.files import atomic_path, write_frame
 
 OUTCOMES = (
     "passed",
@@ -23,6 +24,11 @@ OUTCOMES = (
     "no_code",
     "sandbox_violation",
 )
+
+
+class RecordFileError(CosmoCoreError, ValueError):
+    """A task or trajectory file that is missing, truncated or of another shape: the message names the
+    file and how to write it again."""
 
 
 @dataclass(frozen=True)
@@ -45,9 +51,7 @@ class Task:
 
 
 def write_tasks(tasks: list[Task], path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as handle:
+    with atomic_path(path) as tmp, tmp.open("w") as handle:
         for task in tasks:
             handle.write(json.dumps(asdict(task)) + "\n")
 
@@ -55,7 +59,7 @@ def write_tasks(tasks: list[Task], path: str | os.PathLike) -> None:
 def read_tasks(path: str | os.PathLike) -> list[Task]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run the prepare stage first (`dvc repro prepare`)")
+        raise RecordFileError(f"{path} not found: run the prepare stage first (`dvc repro prepare`)")
     names = {f.name for f in fields(Task)}
     tasks = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
@@ -66,7 +70,7 @@ def read_tasks(path: str | os.PathLike) -> list[Task]:
             row["libs"] = tuple(row["libs"])
             tasks.append(Task(**row))
         except (ValueError, TypeError) as error:
-            raise ValueError(f"{path}:{number}: corrupt task record ({error}); re-run `dvc repro prepare`") from None
+            raise RecordFileError(f"{path}:{number}: corrupt task record ({error}); re-run `dvc repro prepare`") from None
     return tasks
 
 
@@ -114,22 +118,29 @@ def trajectories_to_frame(trajectories: list[Trajectory]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(TRAJECTORY_COLUMNS))
 
 
-def frame_to_trajectories(frame: pd.DataFrame) -> list[Trajectory]:
-    trajectories = []
-    for row in frame.to_dict("records"):
-        for key in ("prompt_ids", "completion_ids"):
-            row[key] = [int(x) for x in row[key]]
-        for key in ("behaviour_logprobs", "hidden"):
-            row[key] = [float(x) for x in row[key]]
-        row["extra"] = json.loads(row["extra"]) if row["extra"] else {}
-        trajectories.append(Trajectory(**row))
-    return trajectories
-
-
 def write_trajectories(trajectories: list[Trajectory], path: str | os.PathLike) -> None:
-    with atomic_path(path) as tmp:
-        trajectories_to_frame(trajectories).to_parquet(tmp, index=False)
+    write_frame(path, trajectories_to_frame(trajectories))
 
 
-def read_trajectories(path: str | os.PathLike) -> list[Trajectory]:
-    return frame_to_trajectories(pd.read_parquet(path))
+def read_table(path: str | os.PathLike, columns: tuple[str, ...], remake: str) -> pd.DataFrame:
+    """The parquet table at `path`, which must hold `columns`. A missing, truncated or foreign file
+    raises `RecordFileError` naming it and `remake`: what to do to have it written again."""
+    import pyarrow
+
+    path = Path(path)
+    try:
+        frame = pd.read_parquet(path)
+    except (OSError, pyarrow.ArrowException) as error:
+        raise RecordFileError(f"{path} cannot be read ({type(error).__name__}: {error}): {remake}") from None
+    missing = [column for column in columns if column not in frame.columns]
+    if missing:
+        raise RecordFileError(f"{path} lacks the column(s) {', '.join(missing)}: it is not a table this "
+                              f"version of CosmoCore wrote; {remake}")
+    return frame
+
+
+def read_samples_log(path: str | os.PathLike) -> pd.DataFrame:
+    """A training run's samples_log.parquet (iteration, task, outcome, hallucinated per code sample)."""
+    return read_table(path, ("iteration", "task_id", "outcome", "hallucinated"),
+                      "delete it and re-run the run's train stage (`dvc repro`): a finished run writes it again "
+                      "from its saved state")

