@@ -64,8 +64,11 @@ def worker_processes() -> tuple[dict[int, str], int, int]:
     deadline = time.monotonic() + 10
     while True:
         table = process_table()
-        ours = {pid: table[pid][1] for pid in descendants(os.getpid(), table)}
-        python = [pid for pid in ours if not program(pid).endswith(b"bwrap")]
+        # rooted at bubblewrap: other children of this process (a multiprocessing resource tracker left by an
+        # earlier test in the session, say) are not the worker's
+        jails = [pid for pid in descendants(os.getpid(), table) if program(pid).endswith(b"bwrap")]
+        ours = {pid: table[pid][1] for jail in jails for pid in [jail, *descendants(jail, table)]}
+        python = [pid for pid in ours if pid not in jails and not program(pid).endswith(b"bwrap")]
         if len(python) == 2 or time.monotonic() > deadline:  # the child is forked just after a reply
             server = next(pid for pid in python if table[pid][0] not in python)
             return ours, server, next(pid for pid in python if pid != server)

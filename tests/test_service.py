@@ -332,7 +332,7 @@ def test_a_run_that_fails_halfway_ends_failed_with_the_end_of_dvc_output(service
                 server, "POST", "/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200}))):
             time.sleep(1)  # the flow run's last logs may reach the server just after its state
     name = re.search(r"--name (cc-[a-z0-9-]+)", log).group(1)
-    assert f"dvc exp run {name} failed (exit status" in log and f"model.source='{no_model}': cannot load it as a local folder" in log
+    assert f"dvc exp run {name} failed (exit status" in log and f"{no_model} holds no model (config.json missing): point model.source at a model folder" in log
     mlflow.set_tracking_uri(service.mlflow_uri)
     parents = mlflow.search_runs(experiment_names=["cosmocore"], filter_string=f"tags.`cosmocore.dvc_experiment` = '{name}' "
                                  "and tags.`cosmocore.stage` = 'pipeline'")

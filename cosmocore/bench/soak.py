@@ -129,13 +129,16 @@ def is_namespace_init(pid: int) -> bool:
 
 
 class Census:
-    """Notes, every `period` seconds, each process this one started (with its start time, so a reused
-    pid is not mistaken for it), the pid namespaces of the jails among them (by their init: a dead
+    """Notes, every `period` seconds, each process this one started since the census began (with its start
+    time, so a reused pid is not mistaken for it; children it had before, such as a multiprocessing
+    resource tracker, are not the sandbox's), the pid namespaces of the jails among them (by their init: a dead
     namespace's number is soon given to someone else's) and the host scratch folders workers were
     given; `leaks()` then counts what outlived the sandbox."""
 
     def __init__(self, period: float = 0.5):
         self.period, self.own_namespace = period, pid_namespace(os.getpid())
+        table = process_table()
+        self.before = {(pid, table[pid][1]) for pid in descendants(os.getpid(), table)}
         self.seen: set[tuple[int, str]] = set()
         self.namespaces: dict[str, tuple[int, str]] = {}  # namespace: its init (pid, start time)
         self.scratch: set[str] = set()
@@ -154,6 +157,8 @@ class Census:
     def note(self) -> None:
         table = process_table()
         for pid in descendants(os.getpid(), table):
+            if (pid, table[pid][1]) in self.before:
+                continue
             self.seen.add((pid, table[pid][1]))
             namespace = pid_namespace(pid)
             if namespace and namespace != self.own_namespace and is_namespace_init(pid):
