@@ -17,6 +17,8 @@ from pathlib import Path
 
 from flows.common import die_with_parent
 
+STOP_SECONDS = 5
+
 
 def free_port() -> int:
     """A loopback port nothing listens on (the OS's pick; free until someone binds it)."""
@@ -37,8 +39,8 @@ def _process(command: list[str], env: dict[str, str], log_path: Path, cwd: Path 
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
+        try:  # a few seconds: uvicorn's graceful stop waits for clients' keep-alive connections (30 s with MLflow's)
+            process.wait(timeout=STOP_SECONDS)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
