@@ -17,7 +17,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from cosmocore.bench.learning import ARMS, SIZES
-from cosmocore.bench.learning import _arms as parse_arms  # the bench's own check of --arms
+from cosmocore.bench.learning import parse_arms  # the bench's own check of --arms
 from cosmocore.config import load_params
 from cosmocore.errors import CosmoCoreError
 from flows.pipeline import REPO, run_logged

@@ -128,7 +128,7 @@ def test_a_benchmark_file_that_is_truncated_or_lacks_tests_names_the_fix(tmp_pat
 def small_disk(folder: Path, size: int):
     """A tmpfs of `size` bytes mounted on `folder` (root only), unmounted afterwards."""
     if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
+        pytest.skip("mounting a tmpfs needs root (CI and scripts/setup.sh run as root, so there it runs)")
     folder.mkdir(parents=True, exist_ok=True)
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], check=True)
     try:

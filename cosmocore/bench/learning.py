@@ -59,7 +59,7 @@ RATES = {"halluc": "hallucination_rate", "pass": "pass_at_1", "no_code": "no_cod
 SEED = 0
 
 
-def _arms(text: str) -> list[str]:
+def parse_arms(text: str) -> list[str]:
     arms = [a.strip() for a in text.split(",") if a.strip()]
     unknown = [a for a in arms if a != "base" and a not in VARIANTS]
     if unknown:
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="cosmocore bench learning", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=SIZES, default="cpu", help="the bench_<size> profile of params.yaml")
-    parser.add_argument("--arms", type=_arms, default=list(ARMS), help=f"comma-separated (default: {','.join(ARMS)})")
+    parser.add_argument("--arms", type=parse_arms, default=list(ARMS), help=f"comma-separated (default: {','.join(ARMS)})")
     parser.add_argument("--out", type=Path, help="output folder (default: data/bench/learning-<size>)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a knob of the size's profile, e.g. --set train.lora=true --set train.lr=2e-4")
